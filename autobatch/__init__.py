@@ -1,0 +1,43 @@
+"""autobatch: the micro-batch size, accumulation steps and learning rate that train fastest without OOM.
+
+The public API is re-exported here. Importing ``autobatch`` imports no framework:
+PyTorch and TensorFlow are loaded only inside trial workers.
+"""
+
+from autobatch.config import TrialBudget, TrialConfig, TrialResult
+from autobatch.errors import (
+    AutobatchError,
+    BackendNotFoundError,
+    InvalidParameterError,
+    StorageError,
+    TaskLoadError,
+)
+from autobatch.memory import MemoryBudget
+from autobatch.registry import backend_names, get_backend
+from autobatch.space import SearchSpace
+from autobatch.study import TuneResult, load_study_result, tune
+from autobatch.worker import run_trial
+from autobatch.workload import Workload, load_workload
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutobatchError",
+    "BackendNotFoundError",
+    "InvalidParameterError",
+    "MemoryBudget",
+    "StorageError",
+    "TaskLoadError",
+    "TrialBudget",
+    "TrialConfig",
+    "TrialResult",
+    "SearchSpace",
+    "TuneResult",
+    "Workload",
+    "backend_names",
+    "get_backend",
+    "load_workload",
+    "load_study_result",
+    "run_trial",
+    "tune",
+]

@@ -1,0 +1,135 @@
+"""What devices the trials can run on, found without importing a framework."""
+
+from __future__ import annotations
+
+import os
+
+from autobatch.errors import AutobatchError
+
+
+def cuda_device_count() -> int:
+    """Number of NVIDIA GPUs NVML sees (0 when there is no driver or no device)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return 0
+    try:
+        return int(pynvml.nvmlDeviceGetCount())
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def default_device() -> str:
+    """``cuda:0`` when NVML sees a GPU that ``CUDA_VISIBLE_DEVICES`` does not hide, else ``cpu``."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and not visible_cuda_ids(visible):
+        return "cpu"  # "" or "-1": the user hid every GPU
+    return "cuda:0" if cuda_device_count() > 0 else "cpu"
+
+
+def visible_cuda_ids(visible: str) -> list[str]:
+    """The GPUs ``CUDA_VISIBLE_DEVICES`` lists; CUDA stops at the first invalid entry (``-1``)."""
+    ids = []
+    for part in visible.split(","):
+        part = part.strip()
+        if not part or part.startswith("-"):
+            break
+        ids.append(part)
+    return ids
+
+
+def cuda_total_memory_bytes(device: str) -> int:
+    """Total memory of ``cuda:N``: NVML's figure, or PyTorch's (in a subprocess) where NVML fails.
+
+    Honours ``CUDA_VISIBLE_DEVICES`` (indices or UUIDs). Raises :class:`AutobatchError`
+    saying why neither could tell.
+    """
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception as error:
+        nvml_reason = nvml_error_text(error)
+    else:
+        try:
+            return int(pynvml.nvmlDeviceGetMemoryInfo(nvml_handle(device)).total)
+        except Exception as error:
+            nvml_reason = nvml_error_text(error)
+        finally:
+            pynvml.nvmlShutdown()
+    total, torch_reason = _torch_total_memory_bytes(device)
+    if total is not None:
+        return total
+    raise AutobatchError(
+        f"the total memory of {device} is unknown (NVML: {nvml_reason}; PyTorch: {torch_reason}); "
+        "give an absolute memory budget such as '8GiB', or run on device 'cpu'"
+    )
+
+
+def cuda_index(device: str) -> int:
+    """``N`` of ``cuda:N`` (0 for a bare ``cuda``)."""
+    _, _, index = device.partition(":")
+    return int(index) if index.strip().isdigit() else 0
+
+
+def nvml_handle(device: str):
+    """NVML's handle for ``cuda:N`` as this process sees it (NVML must be initialised).
+
+    CUDA numbers the GPUs that ``CUDA_VISIBLE_DEVICES`` lists, in its order; NVML numbers
+    all of them. An entry given as a UUID (``GPU-...``, ``MIG-...``) is looked up by UUID.
+    """
+    import pynvml
+
+    index = cuda_index(device)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = visible_cuda_ids(visible)
+        if index >= len(ids):
+            raise AutobatchError(f"{device} is not visible: CUDA_VISIBLE_DEVICES={visible!r} lists {len(ids)} GPU(s)")
+        if ids[index].isdigit():
+            return pynvml.nvmlDeviceGetHandleByIndex(int(ids[index]))
+        return pynvml.nvmlDeviceGetHandleByUUID(ids[index])
+    return pynvml.nvmlDeviceGetHandleByIndex(index)
+
+
+def nvml_error_text(error: BaseException) -> str:
+    """Why NVML failed, in words a person can act on."""
+    name = type(error).__name__
+    if isinstance(error, ImportError):
+        return "nvidia-ml-py (module pynvml) is not installed"
+    if name == "NVMLError_LibraryNotFound":
+        return "no NVIDIA driver: NVML's library libnvidia-ml.so.1 was not found"
+    if name == "NVMLError_DriverNotLoaded":
+        return "the NVIDIA kernel driver is not loaded"
+    if name == "NVMLError_NoPermission":
+        return "no permission to use the NVIDIA driver (/dev/nvidia*)"
+    if name == "NVMLError_LibRmVersionMismatch":
+        return "the NVIDIA driver and its user-space library differ in version (reboot or reinstall the driver)"
+    text = str(error).strip()
+    return f"{name}: {text}" if text and text not in name else name
+
+
+def _torch_total_memory_bytes(device: str) -> "tuple[int | None, str]":
+    """(total bytes, or None and why) from ``torch.cuda.mem_get_info`` in a child process.
+
+    A child, so that this process neither imports torch nor holds a CUDA context.
+    """
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("torch") is None:
+        return None, "not installed"
+    code = "import sys, torch; print(torch.cuda.mem_get_info(int(sys.argv[1]))[1])"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(cuda_index(device))], capture_output=True, text=True, timeout=120
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return None, str(error)
+    if done.returncode == 0 and done.stdout.strip().isdigit():
+        return int(done.stdout.strip()), ""
+    lines = (done.stderr or done.stdout).strip().splitlines()
+    return None, lines[-1] if lines else f"exit code {done.returncode}"
