@@ -1,0 +1,132 @@
+"""``autobatch tune`` and ``autobatch show``: run a study, or print a stored one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_study_commands(commands, add_task_arguments) -> None:
+    tune = commands.add_parser("tune", help="search micro-batch, accumulation and learning rate in an Optuna study")
+    add_task_arguments(tune)
+    tune.add_argument("--trials", type=int, default=20, help="search trials after the probe (default 20)")
+    tune.add_argument("--timeout", type=float, default=None, help="stop the search after this many seconds")
+    tune.add_argument("--trial-timeout", type=float, default=None, help="seconds before one trial is stopped")
+    _add_storage_arguments(tune)
+    tune.add_argument("--sampler", default="tpe", help="tpe (default), nsga2, gp or random")
+    tune.add_argument("--loss-tolerance", type=float, default=0.02, help="loss slack for the recommendation (default 0.02 = 2%%)")
+    tune.add_argument("--safety-margin", type=float, default=0.05, help="memory kept free below the budget (default 0.05)")
+    tune.add_argument("--min-micro-batch", type=int, default=1)
+    tune.add_argument("--max-micro-batch", type=int, default=None, help="default: the probe's memory wall")
+    tune.add_argument("--powers-of-two", action="store_true", help="search micro-batches that are powers of two")
+    tune.add_argument("--max-accumulation", type=int, default=8)
+    tune.add_argument("--lr-rule", default=None, help="linear, sqrt or absolute (default: sqrt for Adam, linear for SGD)")
+    tune.set_defaults(handler=_run_tune_command)
+
+    show = commands.add_parser("show", help="print a stored study's recommendation and Pareto front")
+    _add_storage_arguments(show)
+    show.add_argument("--json", action="store_true", help="print as JSON")
+    show.set_defaults(handler=_run_show_command)
+
+
+def _add_storage_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///autobatch.db)")
+    parser.add_argument("--study-name", default=None, help="study name (default TASK-BACKEND)")
+
+
+def _run_tune_command(args: argparse.Namespace) -> int:
+    from autobatch.cli import trial_budget_from_args
+    from autobatch.cli_worker import distributed_options
+    from autobatch.report import summary_text
+    from autobatch.space import SearchSpace
+    from autobatch.study import tune
+
+    space = SearchSpace(
+        min_micro_batch=args.min_micro_batch,
+        max_micro_batch=args.max_micro_batch,
+        powers_of_two=args.powers_of_two,
+        max_accumulation=args.max_accumulation,
+        lr_rule=args.lr_rule,
+    )
+    progress = _Progress(args.trials, quiet=args.json)
+    result = tune(
+        args.task,
+        args.backend,
+        memory_budget=args.memory_budget,
+        n_trials=args.trials,
+        timeout=args.timeout,
+        storage=args.storage,
+        study_name=args.study_name,
+        search_space=space,
+        sampler=args.sampler,
+        seed=args.seed,
+        loss_tolerance=args.loss_tolerance,
+        safety_margin=args.safety_margin,
+        trial_budget=trial_budget_from_args(args),
+        device=args.device,
+        trial_timeout=args.trial_timeout,
+        on_trial=progress.trial_done,
+        on_probe=progress.probe_done,
+        **distributed_options(args),  # --workers, --heartbeat-interval, --grace-period (cli_worker.py)
+    )
+    progress.close()
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(summary_text(result))
+    return 0
+
+
+def _run_show_command(args: argparse.Namespace) -> int:
+    from autobatch.errors import InvalidParameterError
+    from autobatch.report import summary_text
+    from autobatch.study import DEFAULT_STORAGE, load_study_result
+
+    if not args.study_name:
+        raise InvalidParameterError("study_name", args.study_name, "name the study to show")
+    result = load_study_result(args.storage or DEFAULT_STORAGE, args.study_name)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else summary_text(result))
+    return 0
+
+
+class _Progress:
+    """A live progress bar on stderr: trial n/N and the best feasible throughput so far."""
+
+    def __init__(self, total: int | None, quiet: bool):
+        from tqdm import tqdm
+
+        self.quiet = quiet
+        self.best: float | None = None
+        self.bar = tqdm(total=total, desc="trials", unit="trial", file=sys.stderr, disable=quiet, dynamic_ncols=True)
+
+    def probe_done(self, micro_batch: int, result) -> None:
+        if not self.quiet:
+            from autobatch.memory import format_bytes
+
+            self.bar.write(
+                f"probe  micro-batch {micro_batch:>6}: {result.status:<7} peak {format_bytes(result.peak_memory_bytes)}",
+                file=sys.stderr,
+            )
+
+    def trial_done(self, record) -> None:
+        config = record.config
+        if record.feasible and record.values and (self.best is None or record.values[0] > self.best):
+            self.best = record.values[0]
+        if record.skipped_by_model:
+            outcome = "skipped: predicted over budget"
+        elif record.result is not None and record.result.status != "ok":
+            outcome = record.result.status + (f" in {record.result.oom_phase}" if record.result.oom_phase else "")
+        else:
+            outcome = f"{record.values[0]:8.1f} samples/s  loss {record.values[1]:.4f}"
+        self.bar.write(
+            f"trial {record.number:>3}  m={config.micro_batch_size:<5} k={config.accumulation_steps:<3} "
+            f"lr={config.learning_rate:.2e}  {outcome}",
+            file=sys.stderr,
+        )
+        if self.best is not None:
+            self.bar.set_postfix_str(f"best {self.best:.1f} samples/s")
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
