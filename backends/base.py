@@ -1,0 +1,102 @@
+"""The common trial interface every framework backend implements."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from autobatch.config import TrialBudget, TrialConfig
+from autobatch.workload import Workload
+
+
+@dataclass
+class TrialMeasurements:
+    """What a backend measured in a trial that ran to the end."""
+
+    samples_per_second: float | None
+    val_loss: float
+    samples_trained: int
+    steps_timed: int
+    timings: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class TrialProgress:
+    """How a running trial tells its worker where it is.
+
+    The backend sets :attr:`phase` as it goes (``setup``, ``train``, ``eval``) so an
+    OOM can be placed, and calls :meth:`mark_baseline` once the model and data are
+    ready so the worker can record the memory in use before training.
+    """
+
+    def __init__(self, on_phase: Callable[[str], None] | None = None, on_baseline: Callable[[], None] | None = None):
+        self._phase = "setup"
+        self._on_phase = on_phase
+        self._on_baseline = on_baseline
+
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @phase.setter
+    def phase(self, value: str) -> None:
+        self._phase = value
+        if self._on_phase is not None:
+            self._on_phase(value)
+
+    def mark_baseline(self) -> None:
+        if self._on_baseline is not None:
+            self._on_baseline()
+
+
+class Backend(abc.ABC):
+    """One framework's way to run a trial.
+
+    An instance lives inside a trial worker. The worker calls, in order:
+    :meth:`apply_memory_cap` (before the framework touches the device), then
+    :meth:`run_trial`; on an exception it asks :meth:`is_oom`. On a GPU the peak
+    comes from :meth:`peak_memory_bytes`; on the CPU the worker measures the process.
+    """
+
+    #: the framework's short name, as used in ``Workload.models``
+    name: str = ""
+
+    def default_device(self) -> str:
+        """The device trials run on when none is named."""
+        return "cpu"
+
+    def fork_safe(self, device: str) -> bool:
+        """Whether trials on ``device`` may run in processes forked after this backend was
+        imported and the task loaded, before any device or thread pool was touched."""
+        return False
+
+    @abc.abstractmethod
+    def apply_memory_cap(self, budget_bytes: int, device: str) -> None:
+        """Make the framework fail with its OOM error beyond ``budget_bytes`` on ``device``.
+
+        On the CPU the worker has already set ``RLIMIT_DATA``; a backend only needs
+        to act for accelerators.
+        """
+
+    @abc.abstractmethod
+    def run_trial(
+        self, workload: Workload, config: TrialConfig, budget: TrialBudget, device: str, progress: TrialProgress
+    ) -> TrialMeasurements:
+        """Train ``budget.train_samples`` samples at ``config``, then measure validation loss."""
+
+    @abc.abstractmethod
+    def is_oom(self, error: BaseException) -> bool:
+        """Whether ``error`` is this framework's out-of-memory error."""
+
+    def peak_memory_bytes(self, device: str) -> int | None:
+        """The device allocator's peak since the last reset; ``None`` on the CPU."""
+        return None
+
+    def current_memory_bytes(self, device: str) -> int | None:
+        """The device allocator's bytes in use now; ``None`` on the CPU."""
+        return None
+
+    def reset_peak_memory(self, device: str) -> None:
+        """Start a new peak measurement (between trials in a reused worker)."""
+
