@@ -1,0 +1,208 @@
+"""Helpers the benchmark scripts share: arguments, thread pinning, the machine, tables, plots.
+
+Nothing here imports a framework: each script decides which process trains what.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Iterable, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+RESULTS = BENCHMARKS / "results"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run from a checkout without installing it, too
+
+#: a plot's pixels: 900 × 540 at 90 dpi keeps a two-panel line chart well under 200 KB
+PLOT_DPI = 90
+
+
+def parse_args(description: str, configure=None, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``--quick``, ``--threads`` and ``--results``, plus what ``configure(parser)`` adds."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="a smaller run that finishes in under 5 minutes on 2 CPU cores")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads per training process, the same for both frameworks (intra-op; TensorFlow's inter-op is 1)",
+    )
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where tables and plots are written")
+    if configure is not None:
+        configure(parser)
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    return args
+
+
+def pin_threads(threads: int) -> dict[str, str]:
+    """Give every process started from here ``threads`` compute threads, in either framework.
+
+    Trial workers inherit the environment: PyTorch reads ``OMP_NUM_THREADS`` (its
+    intra-op pool), TensorFlow reads ``TF_NUM_INTRAOP_THREADS`` / ``TF_NUM_INTEROP_THREADS``.
+    """
+    pinned = {
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TF_NUM_INTRAOP_THREADS": str(threads),
+        "TF_NUM_INTEROP_THREADS": "1",
+        "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+    }
+    os.environ.update(pinned)
+    return pinned
+
+
+def threads_note(threads: int) -> str:
+    return (
+        f"Threads pinned: {threads} intra-op thread(s) per training process for both frameworks "
+        f"(PyTorch `OMP_NUM_THREADS={threads}`; TensorFlow `TF_NUM_INTRAOP_THREADS={threads}`, "
+        "`TF_NUM_INTEROP_THREADS=1`)."
+    )
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions(*packages: str) -> str:
+    found = []
+    for name in packages:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return ", ".join(found)
+
+
+def machine_line(*packages: str) -> str:
+    """One line that says where and with what a table was measured."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    libraries = versions("torch", "tensorflow-cpu", "tensorflow", "keras", "optuna", *packages)
+    return (
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores (shared), Linux {platform.release()}, "
+        f"Python {platform.python_version()}; {libraries}; {datetime.now():%Y-%m-%d %H:%M}, "
+        f"load average {load:.1f} at the start."
+    )
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]], align: str | None = None) -> str:
+    """A GitHub markdown table; ``align`` has one letter per column, l or r (default: first l, rest r)."""
+    align = align or "l" + "r" * (len(headers) - 1)
+    marks = {"l": ":---", "r": "---:", "c": ":---:"}
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(marks[a] for a in align) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(value) for value in row) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if value != value:
+            return "–"
+        return f"{value:.3g}" if abs(value) < 10 else f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.1f}"
+    return str(value).replace("|", "\\|")
+
+
+def write_markdown(results: Path, name: str, text: str) -> Path:
+    """Print ``text`` and write it to ``results/name.md``."""
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"{name}.md"
+    path.write_text(text.rstrip() + "\n")
+    print(text)
+    print(f"\nwritten: {_shown(path)}")
+    return path
+
+
+def save_plot(figure, results: Path, name: str) -> Path:
+    """Save a matplotlib figure as a small PNG under ``results`` and close it."""
+    import matplotlib.pyplot as plt
+
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"{name}.png"
+    figure.tight_layout()
+    figure.savefig(path, dpi=PLOT_DPI)
+    plt.close(figure)
+    size = path.stat().st_size
+    if size > 200_000:
+        print(f"warning: {_shown(path)} is {size / 1000:.0f} KB, over the 200 KB wanted", file=sys.stderr)
+    print(f"written: {_shown(path)}")
+    return path
+
+
+def new_figure(columns: int = 1, width: float = 10.0, height: float = 4.0):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, columns, figsize=(width, height), squeeze=False)
+    return figure, list(axes[0])
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def median(values: Iterable[float]) -> float:
+    values = [v for v in values if v is not None and v == v]
+    return statistics.median(values) if values else float("nan")
+
+
+def mib(nbytes: float | None) -> float | None:
+    return None if nbytes is None else nbytes / 2**20
+
+
+class Stopwatch:
+    """Wall seconds since creation; ``str()`` gives ``"123 s"``."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def __str__(self) -> str:
+        return f"{self.seconds:.0f} s"
+
+
+def footer(command: str, stopwatch: Stopwatch) -> str:
+    return f"Command: `{command}` — finished in {stopwatch.seconds:.0f} s."
+
+
+def command_line() -> str:
+    script = Path(sys.argv[0])
+    shown = _shown(script.resolve()) if script.exists() else sys.argv[0]
+    return " ".join([".venv/bin/python", shown, *sys.argv[1:]])
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
