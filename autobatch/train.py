@@ -56,7 +56,7 @@ from autobatch.adaptive import (
 )
 from autobatch.config import TrialConfig
 from autobatch.errors import AutobatchError, InvalidParameterError, StorageError
-from autobatch.memory import MemoryBudget
+from autobatch.memory import MemoryBudget, format_bytes
 
 #: new processes started after OOM crashes (TensorFlow on the CPU) before training gives up
 DEFAULT_MAX_RESTARTS = 8
@@ -409,7 +409,7 @@ class _Supervisor:
         if failure is not None:  # an OOM the framework could not survive: as if the process had crashed
             detail = f"{failure['detail']}; the framework's runtime aborted"
         else:
-            detail = child.oom_line()
+            detail = child.oom_line() or self._silent_memory_death(child)
         attempt = child.last_attempt
         if detail is None:
             raise TrainingError(f"the training process {child.how_it_ended()}{_suffix(child.last_log_line())}")
@@ -431,7 +431,12 @@ class _Supervisor:
                 micro_batch_size=attempt["micro"],
             )
         step, micro, window_size = attempt["step"], attempt["micro"], attempt["window_size"]
-        if child.applying == step:
+        if child.applying == step and child.windows_done == 0:
+            detail = f"{detail}, in the process's first optimizer step"
+        # The first optimizer step of a process also builds the optimizer's state and traces the
+        # step, on a heap the window's micro-batches left fragmented: smaller micro-batches leave
+        # more room, so only an OOM in a later optimizer step means the step itself cannot fit.
+        if child.applying == step and child.windows_done > 0:
             raise TrainingOOMError(
                 f"out of memory in the optimizer step of step {step} ({detail}); the step cannot be redone by "
                 "splitting micro-batches: the optimizer needs the memory; raise the memory budget",
@@ -462,6 +467,28 @@ class _Supervisor:
             "failed_step": step,
             "detail": detail,
         }
+
+    def _silent_memory_death(self, child: "_Child") -> str | None:
+        """A crash with nothing logged, mid-window under the budget: taken as out of memory.
+
+        Under ``RLIMIT_DATA`` a failed allocation in TensorFlow's C++ kernels sometimes
+        dereferences the null it got back instead of reporting it, so the process dies of
+        SIGSEGV (or SIGBUS/SIGABRT) without a word. Only a death inside a training window
+        of a budgeted run counts; anything else stays an error. A real bug that crashes
+        there is not hidden for long: each retry halves the micro-batch, and the restarts
+        are capped.
+        """
+        budget = self.setup.get("memory_budget_bytes")
+        attempt = child.last_attempt
+        crash_signals = {signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT}
+        if budget is None or attempt is None or child.trained or child.status is None or child.status >= 0:
+            return None
+        if -child.status not in crash_signals:
+            return None
+        return (
+            f"the training process {child.how_it_ended()} with nothing logged, in a micro-batch of "
+            f"{attempt['micro']} under the memory budget of {format_bytes(budget)}: taken as out of memory"
+        )
 
     def _result(self, final: dict) -> TrainResult:
         steps = sorted(self.windows)
@@ -511,6 +538,7 @@ class _Child:
         self.failure: dict | None = None
         self.last_attempt: dict | None = None
         self.applying: int | None = None
+        self.windows_done = 0  # optimizer steps this process has taken, replayed ones included
         self.trained = False  # training finished; evaluation (or writing the model) is under way
         self.status: int | None = None
         number = supervisor.restarts
@@ -591,6 +619,7 @@ class _Child:
         elif kind == "apply":
             self.applying = event["step"]
         elif kind == "window":
+            self.windows_done += 1
             supervisor.windows[event["step"]] = event
             supervisor.samples_done += event["samples"]
             samples = supervisor.samples_done

@@ -73,6 +73,17 @@ def crashing() -> Workload:
     return workload
 
 
+def silently_crashing() -> Workload:
+    """``crashing`` without the OOM line, and by SIGSEGV: a null from a failed allocation, dereferenced.
+
+    TensorFlow's C++ kernels sometimes die so under ``RLIMIT_DATA``, logging nothing.
+    """
+    workload = lengths()
+    workload.name = "lengths-silently-crashing"
+    workload.models = {"torch": "tests.adaptive_tasks:silently_crashing_torch_model"}
+    return workload
+
+
 CRASH_ABOVE = 8
 
 
@@ -80,7 +91,11 @@ def crashing_torch_model():
     return torch_model(hidden=64, crash_above=CRASH_ABOVE)
 
 
-def torch_model(hidden: int = HIDDEN, crash_above: int | None = None):
+def silently_crashing_torch_model():
+    return torch_model(hidden=64, crash_above=CRASH_ABOVE, silent=True)
+
+
+def torch_model(hidden: int = HIDDEN, crash_above: int | None = None, silent: bool = False):
     import os
     import signal
     import sys
@@ -105,6 +120,8 @@ def torch_model(hidden: int = HIDDEN, crash_above: int | None = None):
             length = x[:, 0]
             steps = int(length.max())
             if crash_above is not None and self.training and len(x) > crash_above and steps == LONG:
+                if silent:
+                    os.kill(os.getpid(), signal.SIGSEGV)
                 sys.stderr.write("OOM when allocating tensor (simulated: the framework dies instead of raising)\n")
                 sys.stderr.flush()
                 os.kill(os.getpid(), signal.SIGKILL)

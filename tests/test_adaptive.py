@@ -24,7 +24,7 @@ from autobatch.adaptive import (
     OptimizerStepOOMError,
 )
 from autobatch.errors import InvalidParameterError, StorageError
-from autobatch.train import plan_epochs, train
+from autobatch.train import TrainingError, TrainingOOMError, plan_epochs, train
 from tests import adaptive_tasks
 
 MIB = 2**20
@@ -393,6 +393,22 @@ def test_a_framework_that_dies_of_an_oom_is_resumed_from_its_checkpoint_with_the
     assert adaptive_tasks.counters(big) == adaptive_tasks.expected_counters(epochs=1)
     for name in small:
         np.testing.assert_allclose(big[name], small[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_a_silent_crash_mid_window_counts_as_an_oom_only_under_a_budget(tmp_path):
+    # Same schedule as above, but the process dies of SIGSEGV and logs nothing.
+    crashing = "tests.adaptive_tasks:silently_crashing"
+    options = {"micro_batch_size": 16, "accumulation_steps": 2, "seed": 6, "grow_after": None, "checkpoint_every": 2}
+    adapted = train(crashing, "torch", adaptive=True, memory_budget="8GiB", output=tmp_path / "adapted.npz", **options)
+    [crash] = adapted.adaptations
+    assert (crash.cause, crash.step, crash.old_micro_batch, crash.new_micro_batch) == ("crash", 4, 16, 8)
+    assert "SIGSEGV with nothing logged" in crash.detail and "taken as out of memory" in crash.detail
+    assert adapted.samples_seen == adaptive_tasks.N_TRAIN
+    # Without a budget nothing says it was memory: the crash is an error, and nothing is written.
+    with pytest.raises(TrainingError, match="killed by SIGSEGV") as raised:
+        train(crashing, "torch", adaptive=True, output=tmp_path / "unbudgeted.npz", **options)
+    assert not isinstance(raised.value, TrainingOOMError)
+    assert not (tmp_path / "unbudgeted.npz").exists()
 
 
 @pytest.mark.slow
