@@ -298,6 +298,14 @@ class AdaptiveMicroBatcher:
     there as it is used, so the window itself can stay in (pinned) host memory.
     Layers whose output depends on the micro-batch as a whole (BatchNorm in training
     mode) compute over micro-batches, as with any gradient accumulation.
+
+    On the CPU, oneDNN can fail to create a kernel ("could not create a primitive") when
+    memory runs out, and after that every convolution in the process fails, at any size,
+    with memory to spare (measured: 380 MB used of a 1 GiB cap, a micro-batch of 1 still
+    refused). Redoing the window here is futile, so that error is raised as
+    :class:`autobatch.adaptive.UnrecoverableOOMError`; ``autobatch train`` redoes the
+    window in a new process from its last checkpoint. Ordinary allocation failures are
+    redone in this process.
     """
 
     def __init__(
@@ -362,9 +370,14 @@ class AdaptiveMicroBatcher:
 
         def accumulate(start: int, stop: int, share: float) -> None:
             xb, yb = _slice_batch(x, start, stop, self.device), _slice_batch(y, start, stop, self.device)
-            with self.precision.autocast():
-                loss = self.loss_fn(_call(self.model, xb), yb) * share
-            self.precision.backward(loss)
+            try:
+                with self.precision.autocast():
+                    loss = self.loss_fn(_call(self.model, xb), yb) * share
+                self.precision.backward(loss)
+            except RuntimeError as error:
+                if _ONEDNN_POISONED in str(error):
+                    raise _unrecoverable(error) from None  # the frames go with the error: memory is freed
+                raise
             window_loss[0] += float(loss.detach())
 
         def apply() -> float:
@@ -395,6 +408,23 @@ class AdaptiveMicroBatcher:
         self.model.zero_grad(set_to_none=True)
 
 
+# oneDNN's words when it could not build a kernel for want of memory; the process cannot
+# run that kind of kernel again (see AdaptiveMicroBatcher).
+_ONEDNN_POISONED = "could not create a primitive"
+
+
+def _unrecoverable(error: BaseException):
+    from autobatch.adaptive import UnrecoverableOOMError, first_line
+
+    detail = first_line(error)
+    return UnrecoverableOOMError(
+        f"PyTorch ran out of memory in oneDNN ({detail}); after that oneDNN refuses every kernel in this "
+        "process, whatever the size: start a new process with a smaller micro-batch (autobatch train does "
+        "this itself, from its last checkpoint)",
+        detail=detail,
+    )
+
+
 def _slice_batch(batch, start: int, stop: int, device: "torch.device | None"):
     if isinstance(batch, dict):
         return {key: _slice_batch(value, start, stop, device) for key, value in batch.items()}
@@ -421,11 +451,11 @@ class TrainingSession:
     progress and the checkpoints' timing live there, framework-free.
     """
 
-    #: PyTorch raises its OOM errors, on the CPU as on CUDA, so the process survives them
-    crash_prone_oom = False
-
     def __init__(self, workload: Workload, config: TrialConfig, *, device: str, seed: int, mixed_precision: bool, controller):
         self.device = torch.device(device)
+        #: on the CPU an OOM inside oneDNN leaves the process unable to train on: checkpoints let a
+        #: new process take over (PyTorch raises its other OOMs, and the process survives them)
+        self.crash_prone_oom = self.device.type == "cpu"
         self.on_cuda = self.device.type == "cuda"
         torch.manual_seed(seed)
         self.model = workload.build_model("torch").to(self.device)

@@ -84,6 +84,14 @@ def silently_crashing() -> Workload:
     return workload
 
 
+def poisoning() -> Workload:
+    """``crashing`` as PyTorch's oneDNN fails on the CPU: it raises, and no kernel runs in that process again."""
+    workload = lengths()
+    workload.name = "lengths-poisoning"
+    workload.models = {"torch": "tests.adaptive_tasks:poisoning_torch_model"}
+    return workload
+
+
 CRASH_ABOVE = 8
 
 
@@ -95,7 +103,11 @@ def silently_crashing_torch_model():
     return torch_model(hidden=64, crash_above=CRASH_ABOVE, silent=True)
 
 
-def torch_model(hidden: int = HIDDEN, crash_above: int | None = None, silent: bool = False):
+def poisoning_torch_model():
+    return torch_model(hidden=64, crash_above=CRASH_ABOVE, poison=True)
+
+
+def torch_model(hidden: int = HIDDEN, crash_above: int | None = None, silent: bool = False, poison: bool = False):
     import os
     import signal
     import sys
@@ -120,6 +132,8 @@ def torch_model(hidden: int = HIDDEN, crash_above: int | None = None, silent: bo
             length = x[:, 0]
             steps = int(length.max())
             if crash_above is not None and self.training and len(x) > crash_above and steps == LONG:
+                if poison:
+                    raise RuntimeError("could not create a primitive")
                 if silent:
                     os.kill(os.getpid(), signal.SIGSEGV)
                 sys.stderr.write("OOM when allocating tensor (simulated: the framework dies instead of raising)\n")

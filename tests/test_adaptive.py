@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import re
 import weakref
 
 import numpy as np
@@ -411,6 +412,21 @@ def test_a_silent_crash_mid_window_counts_as_an_oom_only_under_a_budget(tmp_path
     assert not (tmp_path / "unbudgeted.npz").exists()
 
 
+def test_a_poisoned_onednn_is_left_behind_in_a_new_process(tmp_path):
+    # PyTorch's oneDNN refuses every kernel after one "could not create a primitive": the batcher
+    # does not redo the window in that process, and `train` redoes it in a new one, with the same math.
+    options = {"micro_batch_size": 16, "accumulation_steps": 2, "seed": 6, "grow_after": None, "checkpoint_every": 2}
+    reference = train("tests.adaptive_tasks:crashing", "torch", micro_batch_size=8, accumulation_steps=4, seed=6,
+                      output=tmp_path / "small.npz")
+    adapted = train("tests.adaptive_tasks:poisoning", "torch", adaptive=True, output=tmp_path / "adapted.npz", **options)
+    [crash] = adapted.adaptations
+    assert (crash.cause, crash.step, crash.old_micro_batch, crash.new_micro_batch) == ("crash", 4, 16, 8)
+    assert "could not create a primitive" in crash.detail and adapted.restarts == 1
+    small, big = _weights(tmp_path / "small.npz"), _weights(tmp_path / "adapted.npz")
+    for name in small:
+        np.testing.assert_allclose(big[name], small[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend,budget", [("torch", "1GiB"), ("tensorflow", "1GiB")])
 def test_the_cli_adapts_under_a_budget_and_without_adaptive_fails_cleanly(backend, budget, run_cli, tmp_path):
@@ -431,13 +447,15 @@ def test_the_cli_adapts_under_a_budget_and_without_adaptive_fails_cleanly(backen
         assert adaptation["old_micro_batch"] * adaptation["old_accumulation"] == 512
         assert adaptation["new_micro_batch"] * adaptation["new_accumulation"] == 512
     assert math.isfinite(result["val_loss"]) and result["samples_per_second"] > 0
-    assert "step 1: micro-batch 512 x 1 -> 256 x 2" in done.stderr  # the progress output says so too
+    # The progress output says so too. 512 is only ~10% over 1 GiB with PyTorch, so now and then
+    # step 1 squeezes in and a later step is the first to split.
+    assert re.search(r"step \d+: micro-batch 512 x 1 -> 256 x 2", done.stderr), done.stderr[-2000:]
 
     output = tmp_path / ("model.pt" if backend == "torch" else "model.weights.h5")
     done = run_cli(*command, "--json", "--output", str(output))
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("autobatch train: error: out of memory at step 1 in a micro-batch of 512"), last
+    assert re.match(r"autobatch train: error: out of memory at step \d+ in a micro-batch of 512", last), last
     assert "--adaptive" in last and "--micro-batch 256 --accumulation 2" in last
     assert done.stdout == ""
     assert list(tmp_path.iterdir()) == []  # nothing half-written
