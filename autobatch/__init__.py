@@ -4,6 +4,13 @@ The public API is re-exported here. Importing ``autobatch`` imports no framework
 PyTorch and TensorFlow are loaded only inside trial workers.
 """
 
+from autobatch.adaptive import (
+    Adaptation,
+    MicroBatchController,
+    MicroBatchOOMError,
+    OptimizerStepOOMError,
+    UnrecoverableOOMError,
+)
 from autobatch.config import TrialBudget, TrialConfig, TrialResult
 from autobatch.errors import (
     AutobatchError,
@@ -16,12 +23,22 @@ from autobatch.memory import MemoryBudget
 from autobatch.registry import backend_names, get_backend
 from autobatch.space import SearchSpace
 from autobatch.study import TuneResult, load_study_result, tune
+from autobatch.train import TrainingError, TrainingOOMError, TrainResult, train
 from autobatch.worker import run_trial
 from autobatch.workload import Workload, load_workload
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adaptation",
+    "MicroBatchController",
+    "MicroBatchOOMError",
+    "OptimizerStepOOMError",
+    "TrainResult",
+    "TrainingError",
+    "TrainingOOMError",
+    "UnrecoverableOOMError",
+    "train",
     "AutobatchError",
     "BackendNotFoundError",
     "InvalidParameterError",
