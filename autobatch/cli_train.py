@@ -44,7 +44,7 @@ def add_train_commands(commands, add_task_arguments) -> None:
     add_task_arguments(train)
     helps = {  # what the shared options mean here rather than for a trial
         "samples": "stop after this many training samples (default: every sample, every epoch)",
-        "num_workers": "not used by train: the windows are gathered from arrays in memory",
+        "num_workers": argparse.SUPPRESS,  # refused below: train gathers its windows from arrays in memory
         "verbose": "let the training process's own output through",
     }
     for action in train._actions:
@@ -66,7 +66,8 @@ def add_train_commands(commands, add_task_arguments) -> None:
     train.add_argument("--no-grow", action="store_true", help="never grow the micro-batch back after an OOM")
     train.add_argument("--checkpoint-every", type=int, default=None,
                        help="with --adaptive, checkpoint every N steps to resume from if the framework dies of an OOM "
-                            "(default: TensorFlow on the CPU only, as often as it costs under 5%% of the time)")
+                            "(default: on the CPU, where an OOM can leave the process unable to go on, as often as it costs "
+                            "under 5%% of the time)")
     train.add_argument("--output", "-o", default=None,
                        help="write the trained model here (PyTorch: state_dict; Keras: .keras or .weights.h5; "
                             "either: .npz), only once training has finished")
@@ -77,6 +78,10 @@ def _run_train_command(args: argparse.Namespace) -> int:
     from autobatch.errors import InvalidParameterError
     from autobatch.train import TrainingError, train
 
+    if args.num_workers:
+        print(f"autobatch train: error: --num-workers={args.num_workers!r} is invalid: train gathers each window "
+              "from arrays in memory and starts no data-loading workers; leave it out", file=sys.stderr)
+        return 2
     progress = _Progress(quiet=False)
     try:
         result = train(

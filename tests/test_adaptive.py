@@ -363,6 +363,8 @@ def test_bad_input_is_refused_before_any_training(run_cli, tmp_path):
     assert done.returncode == 2 and ".weights.h5" in done.stderr
     done = run_cli("train", LENGTHS)
     assert done.returncode == 2 and "--micro-batch" in done.stderr
+    done = run_cli("train", LENGTHS, "--micro-batch", "8", "--num-workers", "2")
+    assert done.returncode == 2 and "--num-workers=2" in done.stderr and "data-loading" in done.stderr
 
 
 # -- the command line, on the synthetic-images study --------------------------------------------------------------
