@@ -200,15 +200,16 @@ def test_cli_tune_on_synthetic_images_then_resume_without_probing_again(run_cli,
     assert set(recommended) >= {"micro_batch_size", "accumulation_steps", "learning_rate", "effective_batch_size",
                                 "throughput", "val_loss", "peak_memory_bytes"}
 
-    second = run_cli(*args, timeout=900)
+    # Two more trials are enough to show the resume: it adds to the study and does not probe again.
+    second = run_cli(*[arg if arg != "12" else "2" for arg in args], timeout=900)
     assert second.returncode == 0, second.stderr[-2000:]
     again = json.loads(second.stdout)
-    assert again["n_trials"] == 24
+    assert again["n_trials"] == 14
     assert again["probe"] == result["probe"]  # not probed again
     assert again["max_micro_batch"] == result["max_micro_batch"]
 
     shown = run_cli("show", "--storage", f"sqlite:///{tmp_path}/a.db", "--study-name", "images", "--json")
-    assert json.loads(shown.stdout)["n_trials"] == 24
+    assert json.loads(shown.stdout)["n_trials"] == 14
 
 
 def test_cli_tune_bad_input_names_the_option(run_cli, tmp_path):
