@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from autobatch.objectives import OBJECTIVES, PRUNERS
+
 
 def add_study_commands(commands, add_task_arguments) -> None:
     tune = commands.add_parser("tune", help="search micro-batch, accumulation and learning rate in an Optuna study")
@@ -21,7 +23,19 @@ def add_study_commands(commands, add_task_arguments) -> None:
     tune.add_argument("--max-micro-batch", type=int, default=None, help="default: the probe's memory wall")
     tune.add_argument("--powers-of-two", action="store_true", help="search micro-batches that are powers of two")
     tune.add_argument("--max-accumulation", type=int, default=8)
-    tune.add_argument("--lr-rule", default=None, help="linear, sqrt or absolute (default: sqrt for Adam, linear for SGD)")
+    tune.add_argument("--lr-rule", default=None,
+                      help="linear, sqrt, adascale (gain from the measured gradient noise scale) or absolute "
+                           "(default: sqrt for Adam, linear for SGD; adascale for --objective goodput)")
+    tune.add_argument("--objective", choices=OBJECTIVES, default=None,
+                      help="pareto: throughput and validation loss (default for a new study); goodput: throughput x "
+                           "statistical efficiency; time-to-target: validation loss within --train-seconds, pruned")
+    tune.add_argument("--pruner", choices=PRUNERS, default=None,
+                      help="time-to-target only: successive-halving (default), hyperband or none")
+    tune.add_argument("--train-seconds", type=float, default=None,
+                      help="train each trial for this many seconds of training instead of --samples samples "
+                           "(needed by --objective time-to-target)")
+    tune.add_argument("--evaluations", type=int, default=4,
+                      help="with --train-seconds: validation losses measured per trial, evenly spaced (default 4)")
     tune.set_defaults(handler=_run_tune_command)
 
     show = commands.add_parser("show", help="print a stored study's recommendation and Pareto front")
@@ -36,7 +50,6 @@ def _add_storage_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_tune_command(args: argparse.Namespace) -> int:
-    from autobatch.cli import trial_budget_from_args
     from autobatch.cli_worker import distributed_options
     from autobatch.report import summary_text
     from autobatch.space import SearchSpace
@@ -50,6 +63,7 @@ def _run_tune_command(args: argparse.Namespace) -> int:
         lr_rule=args.lr_rule,
     )
     progress = _Progress(args.trials, quiet=args.json)
+    trial_budget = _trial_budget(args)
     result = tune(
         args.task,
         args.backend,
@@ -63,11 +77,13 @@ def _run_tune_command(args: argparse.Namespace) -> int:
         seed=args.seed,
         loss_tolerance=args.loss_tolerance,
         safety_margin=args.safety_margin,
-        trial_budget=trial_budget_from_args(args),
+        trial_budget=trial_budget,
         device=args.device,
         trial_timeout=args.trial_timeout,
         on_trial=progress.trial_done,
         on_probe=progress.probe_done,
+        objective=args.objective,
+        pruner=args.pruner,
         **distributed_options(args),  # --workers, --heartbeat-interval, --grace-period (cli_worker.py)
     )
     progress.close()
@@ -76,6 +92,22 @@ def _run_tune_command(args: argparse.Namespace) -> int:
     else:
         print(summary_text(result))
     return 0
+
+
+def _trial_budget(args: argparse.Namespace):
+    """The trial budget of ``autobatch tune``: the common options plus the time budget's."""
+    import dataclasses
+
+    from autobatch.cli import trial_budget_from_args
+    from autobatch.errors import InvalidParameterError
+
+    try:
+        return dataclasses.replace(
+            trial_budget_from_args(args), train_seconds=args.train_seconds, evaluations=args.evaluations
+        )
+    except InvalidParameterError as error:
+        flags = {"train_seconds": "--train-seconds", "evaluations": "--evaluations"}
+        raise InvalidParameterError(flags.get(error.parameter, error.parameter), error.value, error.allowed) from None
 
 
 def _run_show_command(args: argparse.Namespace) -> int:
@@ -111,14 +143,22 @@ class _Progress:
 
     def trial_done(self, record) -> None:
         config = record.config
-        if record.feasible and record.values and (self.best is None or record.values[0] > self.best):
-            self.best = record.values[0]
+        result = record.result
+        measured = _measured(record)
+        if record.feasible and measured and (self.best is None or measured[0] > self.best):
+            self.best = measured[0]
         if record.skipped_by_model:
             outcome = "skipped: predicted over budget"
-        elif record.result is not None and record.result.status != "ok":
-            outcome = record.result.status + (f" in {record.result.oom_phase}" if record.result.oom_phase else "")
-        else:
-            outcome = f"{record.values[0]:8.1f} samples/s  loss {record.values[1]:.4f}"
+        elif result is not None and result.status != "ok":
+            outcome = result.status + (f" in {result.oom_phase}" if result.oom_phase else "")
+        elif measured:
+            outcome = f"{measured[0]:8.1f} samples/s  loss {measured[1]:.4f}"
+            if result is not None and result.pruned and result.intermediate_losses:
+                outcome += f"  pruned after {result.intermediate_losses[-1]['train_seconds']:.1f} s"
+            elif result is not None and result.noise_scale is not None:
+                outcome += f"  B_noise {result.noise_scale:.0f}"
+        else:  # another worker's trial under a single objective: its value is all there is
+            outcome = "pruned" if record.pruned else "value " + "  ".join(f"{v:.4g}" for v in record.values or ())
         self.bar.write(
             f"trial {record.number:>3}  m={config.micro_batch_size:<5} k={config.accumulation_steps:<3} "
             f"lr={config.learning_rate:.2e}  {outcome}",
@@ -130,3 +170,13 @@ class _Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def _measured(record) -> tuple[float, float] | None:
+    """(samples/s, validation loss) of a finished trial, from its result or, for another worker's, its values."""
+    result = record.result
+    if result is not None and result.val_loss is not None:
+        return float(result.samples_per_second or 0.0), float(result.val_loss)
+    if record.values and len(record.values) == 2:  # the pareto objective's values are just that
+        return float(record.values[0]), float(record.values[1])
+    return None

@@ -57,6 +57,13 @@ class TrialBudget:
     of data. Throughput is measured over the windows after ``warmup_steps``; if the
     sample budget leaves fewer than ``min_timed_steps`` timed windows, extra windows
     are run after evaluation for timing alone.
+
+    ``train_seconds`` trains for that much wall-clock training time instead of
+    ``train_samples`` samples (evaluation is not counted), measuring the validation
+    loss ``evaluations`` times at evenly spaced points; the losses before the last are
+    the intermediate values a pruner may stop the trial on (``objective="time-to-target"``).
+    ``measure_noise`` estimates the gradient noise scale in trials that accumulate
+    (:mod:`autobatch.noise`); turning it off exists to measure what it costs.
     """
 
     train_samples: int = 2048
@@ -67,9 +74,18 @@ class TrialBudget:
     mixed_precision: bool = False
     num_workers: int = 0  # data-loading worker processes (PyTorch DataLoader)
     seed: int = 0
+    train_seconds: float | None = None  # None: train ``train_samples`` samples
+    evaluations: int = 4  # validation-loss measurements within ``train_seconds``
+    measure_noise: bool = True
 
     def __post_init__(self) -> None:
         _require_positive_int("train_samples", self.train_samples)
+        seconds = self.train_seconds
+        if seconds is not None and (
+            isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds <= 0
+        ):
+            raise InvalidParameterError("train_seconds", seconds, "must be a number of seconds > 0, or None")
+        _require_positive_int("evaluations", self.evaluations)
         _require_non_negative_int("warmup_steps", self.warmup_steps)
         _require_positive_int("min_timed_steps", self.min_timed_steps)
         if self.eval_batch_size is not None:
@@ -119,6 +135,14 @@ class TrialResult:
     extras: dict[str, Any] = field(default_factory=dict)
     #: what the device and the worker did during the trial (autobatch.telemetry); {} when not sampled
     telemetry: dict[str, Any] = field(default_factory=dict)
+    #: the gradient noise scale B_simple estimated over the trial's windows (accumulation >= 2 only)
+    noise_scale: float | None = None
+    #: the estimate's parts (:meth:`autobatch.noise.NoiseScaleEstimator.summary`); {} when not measured
+    gradient_noise: dict[str, Any] = field(default_factory=dict)
+    #: the validation losses measured during a time-budgeted trial: [{"step", "train_seconds", "val_loss"}, ...]
+    intermediate_losses: list[dict[str, float]] = field(default_factory=list)
+    #: a pruner stopped the trial early; ``val_loss`` is then the last intermediate loss
+    pruned: bool = False
 
     def __post_init__(self) -> None:
         if self.status not in TRIAL_STATUSES:
@@ -140,6 +164,8 @@ class TrialResult:
         data = dict(data)
         data["config"] = TrialConfig.from_dict(data["config"])
         data["telemetry"] = data.get("telemetry") or {}  # JSON from before telemetry has none
+        data["gradient_noise"] = data.get("gradient_noise") or {}
+        data["intermediate_losses"] = data.get("intermediate_losses") or []
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from autobatch.memory import format_bytes
+from autobatch.objectives import measured
 
 #: what each kind of infeasible trial is called in legends (the order of the side panel)
 INFEASIBLE_KINDS = {
@@ -624,7 +625,8 @@ def _trial_point(trial, front) -> TrialPoint | None:
         return None
     kind = _kind(trial)
     feasible = kind == "feasible"
-    throughput = trial.values[0] if feasible else attrs.get("samples_per_second")
+    # Whatever the study's objective, the views plot what the trial measured.
+    throughput, val_loss = measured(trial) if feasible else (attrs.get("samples_per_second"), None)
     return TrialPoint(
         number=trial.number,
         micro_batch_size=int(attrs["micro_batch_size"]),
@@ -633,7 +635,7 @@ def _trial_point(trial, front) -> TrialPoint | None:
         learning_rate=float(attrs.get("learning_rate", math.nan)),
         kind=kind,
         throughput=float(throughput) if throughput is not None else None,
-        val_loss=float(trial.values[1]) if feasible else None,
+        val_loss=val_loss,
         peak_memory_bytes=attrs.get("peak_memory_bytes"),
         predicted_peak_bytes=attrs.get("predicted_peak_bytes"),
         on_front=feasible and trial.number in front,

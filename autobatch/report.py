@@ -9,8 +9,13 @@ from autobatch.memory import format_bytes
 
 def study_note(study, result) -> str:
     """Markdown for the study's note: the recommendation, the wall, the feasible Pareto front."""
+    from autobatch.objectives import get_objective
+
     settings = study.user_attrs.get("autobatch", {})
+    objective = get_objective(getattr(result, "objective", None) or settings.get("objective", "pareto"))
     lines = [f"# autobatch: {settings.get('task', '?')} on {settings.get('backend', '?')} ({settings.get('device', '?')})", ""]
+    if objective.name != "pareto":
+        lines += [f"Objective: **{objective.name}** ({objective_text(objective.name, settings)}).", ""]
     rec = result.recommended
     if rec:
         lines += [
@@ -19,11 +24,11 @@ def study_note(study, result) -> str:
             f"**micro-batch {rec['micro_batch_size']} × accumulation {rec['accumulation_steps']} "
             f"(effective batch {rec['effective_batch_size']}), learning rate {rec['learning_rate']:.3g}**",
             "",
-            f"{rec['throughput']:.1f} samples/s, validation loss {rec['val_loss']:.4f}, "
-            f"peak memory {format_bytes(rec['peak_memory_bytes'])} (trial #{rec['trial_number']}).",
+            f"{rec['throughput']:.1f} samples/s{_goodput_text(rec)}, validation loss {rec['val_loss']:.4f}"
+            f"{_within_text(objective.name, settings)}, peak memory {format_bytes(rec['peak_memory_bytes'])} "
+            f"(trial #{rec['trial_number']}).",
             "",
-            f"Rule: the fastest feasible Pareto-optimal trial whose validation loss is within "
-            f"{settings.get('loss_tolerance', 0.02):.0%} of the best feasible loss.",
+            objective.rule_text(settings.get("loss_tolerance", 0.02)),
             "",
         ]
     else:
@@ -31,6 +36,7 @@ def study_note(study, result) -> str:
     tips = telemetry_advice(rec, settings)
     if tips:
         lines += ["## Advice from telemetry", "", *[f"- {tip}" for tip in tips], ""]
+    lines += noise_section(getattr(result, "noise_scale", None), settings, rec)
     probe = result.probe or {}
     model = probe.get("memory_model", {})
     lines += [
@@ -49,7 +55,8 @@ def study_note(study, result) -> str:
         "",
         pareto_table(result.pareto_front),
         "",
-        f"{result.n_trials} trials, {result.n_oom_trials} out of memory, {result.n_failed_trials} failed.",
+        f"{result.n_trials} trials, {result.n_oom_trials} out of memory, {result.n_failed_trials} failed"
+        f"{_pruned_text(result)}.",
         "",
         _excluded_text(study),
     ]
@@ -64,6 +71,74 @@ def study_note(study, result) -> str:
         costs = ", ".join(f"{k.removeprefix('mean_').removesuffix('_seconds')} {v:.2f} s" for k, v in result.costs.items())
         lines += ["", f"Mean per-trial cost: {costs}."]
     return "\n".join(lines) + "\n"
+
+
+def objective_text(name: str, settings: dict) -> str:
+    """One line on what the study optimizes."""
+    if name == "goodput":
+        return (
+            "throughput × statistical efficiency from the gradient noise scale; learning rate by the "
+            f"{settings.get('lr_rule', '?')} rule"
+        )
+    if name == "time-to-target":
+        budget = settings.get("trial_budget", {})
+        return (
+            f"validation loss after {budget.get('train_seconds', '?')} s of training per trial, measured "
+            f"{budget.get('evaluations', '?')} times; {settings.get('pruner', '?')} pruning"
+        )
+    return "throughput and validation loss"
+
+
+def noise_section(noise: dict | None, settings: dict, recommended: dict | None) -> list[str]:
+    """The study note's lines on the gradient noise scale (none when nothing measured it)."""
+    if not noise:
+        return []
+    from autobatch.noise import statistical_efficiency
+
+    estimate = noise.get("b_simple")
+    lines = ["## Gradient noise scale", ""]
+    if estimate is None:
+        lines.append(
+            "Estimated critical batch size: **beyond what the measured batches resolve** (the gradient is "
+            "small next to its noise): larger batches still pay off."
+        )
+    else:
+        spread = noise.get("per_trial_range")
+        spread_text = f", per-trial estimates {spread[0]:.0f}–{spread[1]:.0f}" if spread else ""
+        lines.append(
+            f"Estimated critical batch size B_simple ≈ **{estimate:.0f}** samples (pooled over {noise['trials']} "
+            f"measurements, {noise['windows']} windows{spread_text}). Past it, a larger effective batch no "
+            "longer cuts the steps a run needs in proportion: it mostly buys throughput."
+        )
+    if recommended and estimate is not None:
+        base = settings.get("base_batch_size") or 1
+        efficiency = statistical_efficiency(estimate, recommended["effective_batch_size"], base)
+        lines.append(
+            f"At the recommended effective batch {recommended['effective_batch_size']} the statistical efficiency "
+            f"against the base batch {base} is {efficiency:.0%}."
+        )
+    if "probe" in noise:
+        probe = noise["probe"]
+        used = f"{probe:.0f}" if probe is not None else "unbounded"
+        lines.append(f"Goodput and the adascale rule use the noise probe's B_noise = {used}, measured once at the start.")
+    return lines + [""]
+
+
+def _goodput_text(recommended: dict) -> str:
+    if "goodput" not in recommended:
+        return ""
+    return f" (goodput {recommended['goodput']:.1f}, efficiency {recommended['statistical_efficiency']:.0%})"
+
+
+def _within_text(objective: str, settings: dict) -> str:
+    if objective != "time-to-target":
+        return ""
+    return f" within {settings.get('trial_budget', {}).get('train_seconds', '?')} s of training"
+
+
+def _pruned_text(result) -> str:
+    pruned = getattr(result, "n_pruned_trials", 0)
+    return f", {pruned} pruned" if pruned else ""
 
 
 def _budget_text(budget_bytes: int, as_given: str | None) -> str:
@@ -94,10 +169,13 @@ def pareto_table(front: list[dict]) -> str:
 
 def summary_text(result) -> str:
     """The CLI's closing summary of a study."""
+    settings = getattr(getattr(result, "study", None), "user_attrs", {}).get("autobatch", {})
+    objective = getattr(result, "objective", "pareto")
     lines = [
         f"study {result.study_name!r} in {result.storage}",
+        f"objective: {objective} ({objective_text(objective, settings)})",
         f"memory budget {format_bytes(result.memory_budget_bytes)}; largest micro-batch that fits: {result.max_micro_batch}",
-        f"{result.n_trials} trials, {result.n_oom_trials} out of memory, {result.n_failed_trials} failed",
+        f"{result.n_trials} trials, {result.n_oom_trials} out of memory, {result.n_failed_trials} failed{_pruned_text(result)}",
         "",
         "Feasible Pareto front:",
         pareto_table(result.pareto_front),
@@ -108,12 +186,18 @@ def summary_text(result) -> str:
         lines.append(
             f"Recommended: micro-batch {rec['micro_batch_size']} x accumulation {rec['accumulation_steps']} "
             f"(effective batch {rec['effective_batch_size']}), learning rate {rec['learning_rate']:.3g} "
-            f"-> {rec['throughput']:.1f} samples/s, validation loss {rec['val_loss']:.4f}, "
-            f"peak memory {format_bytes(rec['peak_memory_bytes'])}"
+            f"-> {rec['throughput']:.1f} samples/s{_goodput_text(rec)}, validation loss {rec['val_loss']:.4f}"
+            f"{_within_text(objective, settings)}, peak memory {format_bytes(rec['peak_memory_bytes'])}"
         )
     else:
         lines.append("No feasible trial: no recommendation.")
-    settings = getattr(getattr(result, "study", None), "user_attrs", {}).get("autobatch", {})
+    noise = getattr(result, "noise_scale", None)
+    if noise:
+        estimate = noise.get("b_simple")
+        lines.append(
+            "Critical batch size (gradient noise scale): "
+            + (f"~{estimate:.0f} samples" if estimate is not None else "beyond what the measured batches resolve")
+        )
     lines += [f"Advice: {tip}" for tip in telemetry_advice(rec, settings)]
     return "\n".join(lines)
 

@@ -1,14 +1,16 @@
 """The study: probe the memory wall, then search micro-batch × accumulation × LR with Optuna.
 
-Two objectives (throughput up, validation loss down) and one hard constraint
-(``memory = peak / budget - 1 <= 0``). Trials that run out of memory stay COMPLETE
-with finite placeholder values and a positive constraint, so the sampler learns
+By default two objectives (throughput up, validation loss down; see
+:mod:`autobatch.objectives` for ``goodput`` and ``time-to-target``) and one hard
+constraint (``memory = peak / budget - 1 <= 0``). Trials that run out of memory stay
+COMPLETE with finite placeholder values and a positive constraint, so the sampler learns
 where the wall is; every trial also records what happened as user attrs, which is
 what a person reads in optuna-dashboard.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import sys
@@ -32,17 +34,30 @@ from autobatch.distributed import (
 )
 from autobatch.errors import AutobatchError, InvalidParameterError, StorageError
 from autobatch.memory import MemoryBudget, describe_budget, format_bytes
+from autobatch.noise import pooled_noise_scale, statistical_efficiency
+from autobatch.objectives import (
+    PLACEHOLDER_LOSS,
+    Objective,
+    check_pruner,
+    fastest_within_tolerance,
+    get_objective,
+    make_pruner,
+    measured,
+)
+from autobatch.objectives import pareto_front as _measured_front
 from autobatch.probe import ProbeResult, find_memory_wall
 from autobatch.space import SearchSpace, scaled_learning_rate
 from autobatch.telemetry import ATTR_KEYS, telemetry_attrs
 from autobatch.worker import TrialWorker
 
 DEFAULT_STORAGE = "sqlite:///autobatch.db"
+#: the default (pareto) objective's metrics and directions
 METRIC_NAMES = ["throughput (samples/s)", "validation loss"]
 DIRECTIONS = ["maximize", "minimize"]
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
-#: validation loss recorded for trials that did not produce one (OOM, skipped, diverged)
-PLACEHOLDER_LOSS = 1e3
+DEFAULT_PRUNER = "successive-halving"
+#: the noise probe's accumulation: four micro-batches give |G_small|² a fair average per window
+NOISE_PROBE_ACCUMULATION = 4
 #: the constraint of an OOM trial when no better estimate of its demand exists
 OOM_CONSTRAINT_FLOOR = 0.05
 #: stop the study when the first trials all fail: the task is broken, not the configs
@@ -62,7 +77,8 @@ class TrialRecord:
     result: TrialResult | None
     feasible: bool
     skipped_by_model: bool
-    values: tuple[float, float] | None
+    values: tuple[float, ...] | None  # the objective's: (throughput, loss), (goodput,) or (loss within time,)
+    pruned: bool = False
 
 
 @dataclass
@@ -80,6 +96,10 @@ class TuneResult:
     n_failed_trials: int
     probe: dict = field(default_factory=dict)
     costs: dict = field(default_factory=dict)
+    objective: str = "pareto"
+    n_pruned_trials: int = 0
+    #: the critical batch size: {"b_simple", "trials", "windows", "per_trial_range", "probe"}; None if unmeasured
+    noise_scale: dict | None = None
 
     @property
     def study_name(self) -> str:
@@ -98,6 +118,9 @@ class TuneResult:
             "memory_budget_bytes": self.memory_budget_bytes,
             "probe": self.probe,
             "costs": self.costs,
+            "objective": self.objective,
+            "n_pruned_trials": self.n_pruned_trials,
+            "noise_scale": self.noise_scale,
         }
 
 
@@ -124,6 +147,8 @@ def tune(
     study_trials: int | None = None,
     heartbeat_interval: int | None = DEFAULT_HEARTBEAT_INTERVAL,
     grace_period: int | None = DEFAULT_GRACE_PERIOD,
+    objective: str | None = None,
+    pruner: str | None = None,
 ) -> TuneResult:
     """Find the micro-batch, accumulation and learning rate that train ``task`` fastest within budget.
 
@@ -142,6 +167,15 @@ def tune(
     failed and queued again too. Without ``memory_budget``, an existing study keeps its
     own. A task whose validation loss is NaN or infinite in every probe (at its own base
     learning rate) is an error: no configuration could be ranked.
+
+    ``objective`` (:mod:`autobatch.objectives`): ``"pareto"`` (throughput and validation
+    loss; the default for a new study), ``"goodput"`` (throughput × statistical
+    efficiency from the gradient noise scale) or ``"time-to-target"`` (validation loss
+    within ``trial_budget.train_seconds`` of training, with ``pruner``
+    ``"successive-halving"`` (default), ``"hyperband"`` or ``"none"`` stopping weak trials
+    at intermediate evaluations). Without them, an existing study keeps its own. Every
+    trial that accumulates estimates the gradient noise scale; the note reports the
+    critical batch size.
     """
     from autobatch.devices import default_device
     from autobatch.registry import backend_path
@@ -161,6 +195,10 @@ def tune(
         raise InvalidParameterError("safety_margin", safety_margin, "must lie in [0, 0.5) (0.05 means 5%)")
     if sampler not in SAMPLERS:
         raise InvalidParameterError("sampler", sampler, f"must be one of {SAMPLERS}")
+    if objective is not None:
+        get_objective(objective)
+    if pruner is not None:
+        check_pruner(pruner)
     search_space = search_space or SearchSpace()
     trial_budget = trial_budget or TrialBudget()
     backend_path(backend)
@@ -188,15 +226,18 @@ def tune(
         "base_batch_size": workload.base_batch_size,
         "base_learning_rate": workload.base_learning_rate,
         "optimizer": workload.optimizer,
-        "lr_rule": search_space.rule_for(workload.optimizer),
+        "objective": objective or "pareto",
+        "pruner": pruner or DEFAULT_PRUNER,
+        "lr_rule": search_space.rule_for(workload.optimizer, objective or "pareto"),
     }
+    _check_objective_settings(settings, trial_budget)
 
     # One worker per cap serves all trials: the framework import and the data load are
     # paid once, and each trial still runs in a clean process of its own (worker.py).
     search_worker = TrialWorker(task, backend, memory_budget=budget_bytes, device=device)
 
-    def run(config: TrialConfig) -> TrialResult:
-        return search_worker.run(config, trial_budget, timeout=trial_timeout)
+    def run(config: TrialConfig, on_report=None) -> TrialResult:
+        return search_worker.run(config, trial_budget, timeout=trial_timeout, on_report=on_report)
 
     _quiet_optuna()
     storage_started = time.perf_counter()
@@ -216,19 +257,24 @@ def tune(
             # A probe trains and evaluates exactly as a search trial will: the peak also
             # depends on the optimizer's state, evaluation, and the allocator's
             # fragmentation when training resumes after it (a shorter probe was seen to
-            # pass at a micro-batch whose full trial then ran out of memory).
+            # pass at a micro-batch whose full trial then ran out of memory). A time budget
+            # is run as a sample budget here: the peak depends on the config, not on how
+            # long it trains, and near the wall the few windows leave timing windows that
+            # resume training after evaluation, as a time-budgeted trial does.
             config = TrialConfig(micro_batch, 1, workload.base_learning_rate)
-            result = probe_worker.run(config, trial_budget, timeout=trial_timeout)
+            result = probe_worker.run(config, probe_budget, timeout=trial_timeout)
             if result.status == "ok" and result.val_loss is not None:
                 probe_losses.append(result.val_loss)
             return result
 
         probe_losses: list[float] = []
+        probe_budget = dataclasses.replace(trial_budget, train_seconds=None)
 
         # A micro-batch larger than the training split would repeat samples within one
         # forward pass: the split's size is the natural ceiling unless the user sets one.
         ceiling = search_space.max_micro_batch or len(workload.x_train)
-        with probe_worker:
+        noise = None
+        with probe_worker:  # the noise probe, if any, reuses the worker the memory probe started
             probe = find_memory_wall(
                 run_probe,
                 budget_bytes,
@@ -236,28 +282,38 @@ def tune(
                 upper_limit=ceiling,
                 on_probe=on_probe,
             )
-        if search_space.min_micro_batch > probe.max_micro_batch:
-            raise InvalidParameterError(
-                "min_micro_batch",
-                search_space.min_micro_batch,
-                f"must be <= {probe.max_micro_batch}, the largest micro-batch that fits the memory budget",
-            )
-        if probe_losses and not any(math.isfinite(loss) for loss in probe_losses):
-            # The task's own base learning rate is meant to train: a loss that is NaN there
-            # is a broken task (or NaN in its data), and no trial could be ranked.
-            raise AutobatchError(
-                f"task={task!r}: the validation loss is {probe_losses[0]} in every probe, at the task's own "
-                f"base learning rate {workload.base_learning_rate:g}; check the task's model, loss and data for NaN"
-            )
-        new_study = _create_study(storage_handle, study_name, sampler, seed)
+            if search_space.min_micro_batch > probe.max_micro_batch:
+                raise InvalidParameterError(
+                    "min_micro_batch",
+                    search_space.min_micro_batch,
+                    f"must be <= {probe.max_micro_batch}, the largest micro-batch that fits the memory budget",
+                )
+            if probe_losses and not any(math.isfinite(loss) for loss in probe_losses):
+                # The task's own base learning rate is meant to train: a loss that is NaN there
+                # is a broken task (or NaN in its data), and no trial could be ranked.
+                raise AutobatchError(
+                    f"task={task!r}: the validation loss is {probe_losses[0]} in every probe, at the task's own "
+                    f"base learning rate {workload.base_learning_rate:g}; check the task's model, loss and data for NaN"
+                )
+            if _needs_noise_probe(settings):
+                noise = _probe_noise_scale(probe_worker, workload, probe.max_micro_batch, trial_budget, trial_timeout)
+        new_study = _create_study(storage_handle, study_name, sampler, seed, get_objective(settings["objective"]))
         new_study.set_user_attr("autobatch", settings)
-        _enqueue_starting_points(new_study, search_space, probe.max_micro_batch, workload)
+        if noise is not None:
+            new_study.set_user_attr("autobatch_noise", noise)
+        _enqueue_starting_points(new_study, search_space, probe.max_micro_batch, workload, settings, noise)
         new_study.set_user_attr("autobatch_probe", probe.to_dict())  # last: the study is ready to join
 
     try:
         lock_grace = grace_period or DEFAULT_GRACE_PERIOD
         created = create_once(storage_handle, study_name, probe_and_create, lock_grace=lock_grace)
         study = _with_sampler(storage_handle, study_name, sampler, seed)
+        if not created:
+            # A worker that names no objective, pruner or rule joins with the study's own.
+            trial_budget = _adopt_study_settings(study, settings, trial_budget, search_space, objective, pruner)
+        pruner_for_study = _study_pruner(settings, trial_budget)
+        if pruner_for_study is not None:
+            study.pruner = pruner_for_study
     except BaseException:
         remove_if_empty(storage_url, storage_existed)  # bad input leaves no new file behind
         raise
@@ -282,6 +338,7 @@ def tune(
             trial_budget=trial_budget.to_dict(), device=device, trial_timeout=trial_timeout,
             study_trials=goal if study_trials is None else study_trials,
             heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+            objective=settings["objective"], pruner=settings["pruner"],
         )
         describe = _SearchRunner(study, search_space, probe, settings, run, on_trial).record_for
         run_local_workers(
@@ -313,6 +370,101 @@ def _default_budget_reason(n_workers: int, device: str) -> str:
     sharing = distributed.workers_per_device(n_workers, device)
     shared = f", {sharing} local workers sharing the device" if sharing > 1 else ""
     return f"the default on {device}, as no memory budget was given{shared}"
+
+
+def _check_objective_settings(settings: dict, trial_budget: TrialBudget) -> None:
+    """What an objective needs from the rest of the settings, checked before anything is written."""
+    objective = settings["objective"]
+    if objective == "time-to-target" and trial_budget.train_seconds is None:
+        raise InvalidParameterError(
+            "train_seconds",
+            None,
+            "objective='time-to-target' trains every trial for a fixed time: give trial_budget="
+            "TrialBudget(train_seconds=...) (autobatch tune --train-seconds)",
+        )
+    if objective == "goodput" and settings["lr_rule"] == "absolute":
+        raise InvalidParameterError(
+            "lr_rule",
+            "absolute",
+            "objective='goodput' cannot rank learning rates, so the learning rate follows a rule: "
+            "use 'adascale' (its default), 'linear' or 'sqrt'",
+        )
+
+
+def _needs_noise_probe(settings: dict) -> bool:
+    """Goodput and the adascale rule need B_noise before the first trial: a noise probe measures it."""
+    return settings["objective"] == "goodput" or settings["lr_rule"] == "adascale"
+
+
+def _probe_noise_scale(worker: TrialWorker, workload, wall: int, trial_budget: TrialBudget, timeout) -> dict:
+    """One trial at the task's base batch × NOISE_PROBE_ACCUMULATION, at its base learning rate, for B_noise.
+
+    Measured once, when the study is created, and kept: goodput ranks every trial and the
+    adascale rule maps every trial's params to a learning rate with this one number, so
+    re-estimating it as trials come in would change the meaning of earlier trials.
+    """
+    micro = max(1, min(wall, workload.base_batch_size))
+    config = TrialConfig(micro, NOISE_PROBE_ACCUMULATION, workload.base_learning_rate)
+    budget = dataclasses.replace(trial_budget, train_seconds=None, measure_noise=True)
+    started = time.perf_counter()
+    result = worker.run(config, budget, timeout=timeout)
+    if result.status != "ok":
+        raise AutobatchError(
+            f"the noise probe (micro-batch {micro} x accumulation {NOISE_PROBE_ACCUMULATION} at the base learning "
+            f"rate) ended with status {result.status!r}: {(result.error or '').splitlines()[0] if result.error else ''}"
+        )
+    noise = {
+        **result.gradient_noise,
+        "accumulation_steps": NOISE_PROBE_ACCUMULATION,
+        "learning_rate": workload.base_learning_rate,
+        "seconds": time.perf_counter() - started,
+    }
+    estimate = noise.get("b_simple")
+    announce(
+        f"noise probe: micro-batch {micro} x {NOISE_PROBE_ACCUMULATION}: gradient noise scale B_simple "
+        + (f"~ {estimate:.0f} samples" if estimate is not None else "too large to measure at this batch (unbounded)")
+    )
+    return noise
+
+
+def study_noise_scale(study) -> float | None:
+    """The B_noise goodput and the adascale rule use: the noise probe's, ``math.inf`` when unbounded.
+
+    None when the study has no noise probe (its objective and rule need none).
+    """
+    noise = study.user_attrs.get("autobatch_noise")
+    if noise is None:
+        return None
+    estimate = noise.get("b_simple")
+    return math.inf if estimate is None else float(estimate)
+
+
+def _adopt_study_settings(study, settings: dict, trial_budget: TrialBudget, space: SearchSpace, objective, pruner):
+    """Settings this worker left open, taken from the stored study; returns the trial budget to use."""
+    stored = study.user_attrs.get("autobatch", {})
+    if objective is None:
+        settings["objective"] = stored.get("objective", "pareto")  # studies from before objectives are pareto
+    if pruner is None:
+        settings["pruner"] = stored.get("pruner", DEFAULT_PRUNER)
+    if space.lr_rule is None and stored.get("lr_rule"):
+        settings["lr_rule"] = stored["lr_rule"]
+    elif space.lr_rule is None:
+        settings["lr_rule"] = space.rule_for(settings["optimizer"], settings["objective"])
+    stored_budget = stored.get("trial_budget", {})
+    if trial_budget.train_seconds is None and stored_budget.get("train_seconds") is not None:
+        trial_budget = dataclasses.replace(
+            trial_budget, train_seconds=stored_budget["train_seconds"], evaluations=stored_budget.get("evaluations", 4)
+        )
+        settings["trial_budget"] = trial_budget.to_dict()
+    _check_objective_settings(settings, trial_budget)
+    return trial_budget
+
+
+def _study_pruner(settings: dict, trial_budget: TrialBudget):
+    """The pruner for a time-to-target study; None otherwise (no trial reports to one)."""
+    if not get_objective(settings["objective"]).prunes:
+        return None
+    return make_pruner(settings["pruner"], trial_budget.evaluations)
 
 
 def _quiet_optuna() -> None:
@@ -369,7 +521,10 @@ def _check_same_kind(study, settings: dict) -> None:
         raise StorageError(
             f"study_name={study.study_name!r} already exists and is not an autobatch study; choose another study name"
         )
-    for key in ("task", "backend", "device", "memory_budget_bytes"):
+    stored = {"objective": "pareto", **stored}  # studies from before objectives are pareto
+    for key in ("task", "backend", "device", "memory_budget_bytes", "objective", "lr_rule"):
+        if key == "lr_rule" and "lr_rule" not in stored:
+            continue
         if stored.get(key) != settings[key]:
             raise StorageError(
                 f"study_name={study.study_name!r} was made for {key}={stored.get(key)!r}, not {settings[key]!r}; "
@@ -389,7 +544,7 @@ def _make_sampler(name: str, seed: int):
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def _create_study(storage, study_name: str, sampler: str, seed: int):
+def _create_study(storage, study_name: str, sampler: str, seed: int, objective: Objective | None = None):
     import warnings
 
     import optuna
@@ -400,7 +555,7 @@ def _create_study(storage, study_name: str, sampler: str, seed: int):
         study = optuna.create_study(
             study_name=study_name,
             storage=storage,
-            directions=DIRECTIONS,
+            directions=list(objective.directions) if objective else DIRECTIONS,
             sampler=_make_sampler(sampler, seed),
             load_if_exists=True,  # another worker may have created it a moment ago
         )
@@ -408,7 +563,7 @@ def _create_study(storage, study_name: str, sampler: str, seed: int):
         raise StorageError(f"storage={redact(url)!r}: cannot create study {study_name!r}: {_first_line(error)}") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names(METRIC_NAMES)
+        study.set_metric_names(list(objective.metric_names) if objective else METRIC_NAMES)
     return study
 
 
@@ -422,20 +577,29 @@ def _with_sampler(storage, study_name: str, sampler: str, seed: int | None):
         raise StorageError(f"study_name={study_name!r} was deleted while this worker joined it") from None
 
 
-def _enqueue_starting_points(study, space: SearchSpace, wall: int, workload) -> None:
+def _enqueue_starting_points(study, space: SearchSpace, wall: int, workload, settings: dict, noise: dict | None) -> None:
     """The wall at the rule's LR, and the task's base batch at its base LR."""
     low, high = space.micro_batch_bounds(wall)
     high = min(high, wall)  # tune() has checked that low <= wall
     base = min(max(workload.base_batch_size, low), high)
-    rule = space.rule_for(workload.optimizer)
-    starts = [
-        TrialConfig(high, 1, scaled_learning_rate(workload.base_learning_rate, workload.base_batch_size, high, rule, 0.0)),
-        TrialConfig(base, 1, scaled_learning_rate(workload.base_learning_rate, workload.base_batch_size, base, rule, 0.0)),
-    ]
-    for config in starts:
+    rule = settings["lr_rule"]
+    noise_scale = None if noise is None else (math.inf if noise.get("b_simple") is None else noise["b_simple"])
+    rule_options = dict(rule=rule, noise_scale=noise_scale)
+    pin = get_objective(settings["objective"]).pins_learning_rate
+
+    def at_rule(micro: int) -> float:
+        return scaled_learning_rate(
+            workload.base_learning_rate, workload.base_batch_size, micro, rule, 0.0,
+            noise_scale=noise_scale, optimizer=workload.optimizer,
+        )
+
+    for config in (TrialConfig(high, 1, at_rule(high)), TrialConfig(base, 1, at_rule(base))):
         if space.powers_of_two and config.micro_batch_size & (config.micro_batch_size - 1):
             config = TrialConfig(2 ** int(math.log2(config.micro_batch_size)), 1, config.learning_rate)
-        params = space.params_for(config, workload.base_batch_size, workload.base_learning_rate, workload.optimizer)
+        params = space.params_for(
+            config, workload.base_batch_size, workload.base_learning_rate, workload.optimizer,
+            pin_learning_rate=pin, **rule_options,
+        )
         study.enqueue_trial(params, skip_if_exists=True)
 
 
@@ -451,6 +615,8 @@ class _SearchRunner:
         self.on_trial = on_trial
         self.failures_in_a_row = 0
         self.refinements = 0
+        self.objective = get_objective(settings["objective"])
+        self.noise_scale = study_noise_scale(study)
 
     def optimize(self, n_trials: int | None, timeout: float | None, study_trials: int | None = None) -> None:
         """Run ``n_trials`` here, or until ``timeout``, or until the study holds ``study_trials`` complete trials."""
@@ -463,7 +629,9 @@ class _SearchRunner:
                 (time.monotonic() - started) / timeout if timeout else 0.0,
                 complete_trial_count(self.study) / study_trials if study_trials else 0.0,
             )
-            refine = self._enqueue_refinement if elapsed_share >= 1 - REFINE_SHARE and done % 2 == 1 else None
+            # Refinement serves the pareto recommendation; a single objective's sampler homes in by itself.
+            late = elapsed_share >= 1 - REFINE_SHARE and done % 2 == 1 and self.objective.name == "pareto"
+            refine = self._enqueue_refinement if late else None
             # Under a study-wide goal the workers ask one at a time: together they run exactly that many.
             trial = distributed.claim_trial(self.study, study_trials, deadline, before_ask=refine)
             if trial is None:
@@ -499,13 +667,7 @@ class _SearchRunner:
         try:
             with distributed.trial_heartbeat(self.study, trial._trial_id):
                 trial.set_user_attr("worker", distributed.worker_label())
-                config = self.space.suggest(
-                    trial,
-                    self.probe.max_micro_batch,
-                    self.settings["base_batch_size"],
-                    self.settings["base_learning_rate"],
-                    self.settings["optimizer"],
-                )
+                config = self._suggest(trial)
                 budget_bytes = self.settings["memory_budget_bytes"]
                 predicted = self.probe.memory_model.predict(config.micro_batch_size)
                 # Up to the wall, the probe ran it under the margin-reduced cap: it fits. Past
@@ -513,7 +675,7 @@ class _SearchRunner:
                 skipped = config.micro_batch_size > self.probe.max_micro_batch and predicted > budget_bytes * (
                     1 - self.settings["safety_margin"]
                 )
-                result = None if skipped else self.run(config)
+                result = None if skipped else self.run(config, self._reporter(trial))
         except KeyboardInterrupt:
             # The worker has killed the trial's process; FAIL it and queue it for a resumed study.
             reason = f"interrupted (Ctrl-C) in worker {distributed.worker_label()}"
@@ -522,7 +684,13 @@ class _SearchRunner:
         except BaseException:
             self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)  # never leave it RUNNING
             raise
-        attrs, values, constraint, failed = _trial_outcome(config, result, predicted, budget_bytes, self.settings)
+        efficiency = statistical_efficiency(
+            self.noise_scale, config.effective_batch_size, self.settings["base_batch_size"]
+        )
+        attrs, values, constraint, failed = _trial_outcome(
+            config, result, predicted, budget_bytes, self.settings, objective=self.objective, efficiency=efficiency
+        )
+        pruned = bool(not failed and result is not None and result.ok and result.pruned)
         try:
             for key, value in attrs.items():
                 trial.set_user_attr(key, value)
@@ -535,6 +703,11 @@ class _SearchRunner:
                 raise AutobatchError(
                     f"the first {self.failures_in_a_row} trials all failed; last reason: {attrs.get('error')}"
                 )
+        elif pruned:
+            self.failures_in_a_row = 0
+            trial.set_constraint("memory", constraint)
+            # Optuna records the last intermediate loss as a pruned trial's value.
+            self.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
         else:
             self.failures_in_a_row = 0
             trial.set_constraint("memory", constraint)
@@ -547,16 +720,40 @@ class _SearchRunner:
                     result=result,
                     feasible=bool(attrs["feasible"]),
                     skipped_by_model=skipped,
-                    values=None if failed else values,
+                    values=None if failed or pruned else values,
+                    pruned=pruned,
                 )
             )
         with distributed.study_lock(self.study):  # workers take turns: a note is several storage rows
             write_note(self.study, summarize(self.study, ""), during_search=True)
 
+    def _suggest(self, trial) -> TrialConfig:
+        return self.space.suggest(
+            trial,
+            self.probe.max_micro_batch,
+            self.settings["base_batch_size"],
+            self.settings["base_learning_rate"],
+            self.settings["optimizer"],
+            rule=self.settings["lr_rule"],
+            noise_scale=self.noise_scale,
+            pin_learning_rate=self.objective.pins_learning_rate,
+        )
+
+    def _reporter(self, trial):
+        """What answers a time-budgeted trial's intermediate losses: the study's pruner, if the objective prunes."""
+        if not self.objective.prunes:
+            return None
+
+        def report(step: int, val_loss: float, train_seconds: float) -> bool:
+            trial.report(val_loss, step)
+            return trial.should_prune()
+
+        return report
+
     def _nothing_succeeded(self) -> bool:
         from optuna.trial import TrialState
 
-        return not self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        return not self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
 
     def record_for(self, trial) -> TrialRecord | None:
         """A finished trial of another process, as ``on_trial`` sees this process's own."""
@@ -564,13 +761,7 @@ class _SearchRunner:
 
         attrs = trial.user_attrs
         try:
-            config = self.space.suggest(
-                FixedTrial(trial.params),
-                self.probe.max_micro_batch,
-                self.settings["base_batch_size"],
-                self.settings["base_learning_rate"],
-                self.settings["optimizer"],
-            )
+            config = self._suggest(FixedTrial(trial.params))
         except Exception:
             return None  # stopped before its config was drawn
         failed = trial.state == TrialState.FAIL
@@ -590,6 +781,7 @@ class _SearchRunner:
             feasible=bool(attrs.get("feasible")),
             skipped_by_model=bool(attrs.get("skipped_by_model")),
             values=None if failed or trial.values is None else tuple(trial.values),
+            pruned=trial.state == TrialState.PRUNED,
         )
 
 
@@ -630,8 +822,22 @@ def _is_feasible(trial) -> bool:
     return bool(trial.user_attrs.get("feasible")) and not trial.user_attrs.get("diverged") and trial.values is not None
 
 
-def _trial_outcome(config: TrialConfig, result: TrialResult | None, predicted: float, budget_bytes: int, settings: dict):
-    """(user attrs, objective values, memory constraint, failed?) for one search trial."""
+def _trial_outcome(
+    config: TrialConfig,
+    result: TrialResult | None,
+    predicted: float,
+    budget_bytes: int,
+    settings: dict,
+    *,
+    objective: Objective | None = None,
+    efficiency: float = 1.0,
+):
+    """(user attrs, objective values, memory constraint, failed?) for one search trial.
+
+    ``efficiency`` is the statistical efficiency of the trial's effective batch, which
+    the goodput objective multiplies throughput by.
+    """
+    objective = objective or get_objective(settings.get("objective", "pareto"))
     attrs: dict[str, Any] = {
         "micro_batch_size": config.micro_batch_size,
         "accumulation_steps": config.accumulation_steps,
@@ -649,7 +855,7 @@ def _trial_outcome(config: TrialConfig, result: TrialResult | None, predicted: f
     if result is None:
         constraint = predicted / budget_bytes - 1
         attrs.update(status="skipped", feasible=False, peak_memory_bytes=None)
-        return attrs, (0.0, PLACEHOLDER_LOSS), constraint, False
+        return attrs, objective.placeholder(), constraint, False
     attrs.update(
         status=result.status,
         peak_memory_bytes=result.peak_memory_bytes,
@@ -661,12 +867,16 @@ def _trial_outcome(config: TrialConfig, result: TrialResult | None, predicted: f
         device=result.device or settings["device"],
     )
     attrs.update(telemetry_attrs(result.telemetry))  # peak device memory, mean utilization (autobatch.telemetry)
+    if result.gradient_noise:
+        attrs.update(noise_scale=result.noise_scale, gradient_noise=result.gradient_noise)
+    if result.intermediate_losses:
+        attrs.update(intermediate_losses=result.intermediate_losses, pruned=result.pruned)
     if result.error:
         attrs["error"] = result.error.splitlines()[0][:500]
     if result.status == "oom":
         estimate = max(predicted, result.peak_memory_bytes or 0) / budget_bytes - 1
         attrs.update(oom=True, oom_phase=result.oom_phase, feasible=False)
-        return attrs, (0.0, PLACEHOLDER_LOSS), max(estimate, OOM_CONSTRAINT_FLOOR), False
+        return attrs, objective.placeholder(), max(estimate, OOM_CONSTRAINT_FLOOR), False
     if result.status != "ok":
         attrs["feasible"] = False
         return attrs, None, None, True
@@ -678,8 +888,12 @@ def _trial_outcome(config: TrialConfig, result: TrialResult | None, predicted: f
     loss = result.val_loss
     if loss is None or not math.isfinite(loss):
         attrs["diverged"] = True  # a bad learning rate is an outcome the sampler should learn from
-        loss = PLACEHOLDER_LOSS
-    return attrs, (throughput, float(loss)), constraint, False
+        if objective.name == "pareto":  # the throughput was real; only the loss is a placeholder
+            return attrs, (throughput, PLACEHOLDER_LOSS), constraint, False
+        return attrs, objective.placeholder(), constraint, False
+    if objective.name == "goodput":
+        attrs.update(statistical_efficiency=efficiency, goodput=throughput * efficiency)
+    return attrs, objective.values(throughput, float(loss), efficiency), constraint, False
 
 
 def summarize(study, storage: str) -> TuneResult:
@@ -688,11 +902,13 @@ def summarize(study, storage: str) -> TuneResult:
 
     settings = study.user_attrs.get("autobatch", {})
     probe = study.user_attrs.get("autobatch_probe", {})
+    objective = get_objective(settings.get("objective", "pareto"))
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
     feasible = [t for t in complete if _is_feasible(t)]
     front = pareto_front(feasible)
-    recommended = recommend(front, settings.get("loss_tolerance", 0.02))
+    recommended = objective.recommend(feasible, settings.get("loss_tolerance", 0.02))
     timings = [t.user_attrs.get("timings", {}) for t in complete if t.user_attrs.get("timings")]
     costs = {}
     for key in ("worker_start", "framework_import", "task_load", "trial", "wall"):
@@ -706,50 +922,62 @@ def summarize(study, storage: str) -> TuneResult:
         study=study,
         storage=storage,
         memory_budget_bytes=int(settings.get("memory_budget_bytes", 0)),
-        n_trials=len(complete) + sum(1 for t in trials if t.state == TrialState.FAIL),
+        n_trials=len(complete) + len(pruned) + sum(1 for t in trials if t.state == TrialState.FAIL),
         n_oom_trials=sum(1 for t in complete if t.user_attrs.get("oom")),
         n_failed_trials=sum(1 for t in trials if t.state == TrialState.FAIL),
         probe=probe,
         costs=costs,
+        objective=objective.name,
+        n_pruned_trials=len(pruned),
+        noise_scale=critical_batch_size(study, [*complete, *pruned]),
     )
+
+
+def critical_batch_size(study, trials: list) -> dict | None:
+    """The gradient noise scale pooled over the trials that measured it and the noise probe.
+
+    Trials train at different learning rates, so their estimates differ; the pooled
+    one (|G|² and tr(Σ) averaged over every measured window before their ratio) is the
+    study's estimate of the critical batch size, and the per-trial range shows the spread.
+    """
+    summaries = [t.user_attrs["gradient_noise"] for t in trials if t.user_attrs.get("gradient_noise")]
+    probe = study.user_attrs.get("autobatch_noise")
+    pooled = pooled_noise_scale([*summaries, *([probe] if probe else [])])
+    if pooled is None:
+        return None
+    if probe is not None:
+        pooled["probe"] = probe.get("b_simple")
+    return pooled
 
 
 def pareto_front(trials: list) -> list:
     """Trials no other trial beats on both throughput (higher) and loss (lower)."""
-    front = []
-    for candidate in trials:
-        speed, loss = candidate.values
-        dominated = any(
-            other.values[0] >= speed and other.values[1] <= loss and tuple(other.values) != (speed, loss)
-            for other in trials
-        )
-        if not dominated:
-            front.append(candidate)
-    return front
+    return _measured_front(trials)
 
 
 def recommend(front: list, loss_tolerance: float):
     """The fastest feasible Pareto trial whose loss is within ``loss_tolerance`` of the best loss."""
-    if not front:
-        return None
-    best_loss = min(t.values[1] for t in front)
-    allowed = best_loss + loss_tolerance * abs(best_loss)
-    return max((t for t in front if t.values[1] <= allowed), key=lambda t: t.values[0])
+    return fastest_within_tolerance(front, loss_tolerance)
 
 
 def _describe(trial) -> dict:
     attrs = trial.user_attrs
-    return {
+    throughput, val_loss = measured(trial)
+    described = {
         "trial_number": trial.number,
         "micro_batch_size": attrs["micro_batch_size"],
         "accumulation_steps": attrs["accumulation_steps"],
         "learning_rate": attrs["learning_rate"],
         "effective_batch_size": attrs["effective_batch_size"],
-        "throughput": trial.values[0],
-        "val_loss": trial.values[1],
+        "throughput": throughput,
+        "val_loss": val_loss,
         "peak_memory_bytes": attrs.get("peak_memory_bytes"),
         "telemetry": {key: value for key, value in attrs.items() if key in TELEMETRY_ATTRS},
     }
+    for key in ("goodput", "statistical_efficiency", "noise_scale"):
+        if key in attrs:
+            described[key] = attrs[key]
+    return described
 
 
 def write_note(study, result: TuneResult, *, during_search: bool = False) -> None:

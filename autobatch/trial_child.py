@@ -11,6 +11,11 @@ state, as a fresh process would, and its peak memory is its own; only the start-
 cost is shared. Otherwise this process runs one trial and exits. Every failure
 becomes a result; a trial process that dies is reported by a ``died`` record with
 its wait status, which the parent classifies.
+
+A time-budgeted trial also writes an ``intermediate`` record per evaluation before its
+last, then waits for one line back on the request pipe, ``{"prune": bool}``: the
+parent holds the Optuna trial, so the pruner decides there (autobatch.schedule). The
+server process waits for its fork meanwhile, so only the trial process reads that line.
 """
 
 from __future__ import annotations
@@ -38,12 +43,14 @@ def main(setup_path: str) -> int:
     requests = os.fdopen(setup["request_fd"], "r")
     results = os.fdopen(setup["result_fd"], "w")
 
-    worker = _Worker(setup)
+    worker = _Worker(setup, _StudyLine(requests, results))
     worker.prepare()
     fork = setup.get("fork", True) and worker.fork_safe
     start_cost = {"worker_start": started_at - _process_start_time(), **worker.load_timings}
     for line in requests:
         request = json.loads(line)
+        if "config" not in request:
+            continue  # an answer to an intermediate loss that reached a trial process no longer there
         if not fork:
             _send(results, worker.run(request), {**start_cost, "worker_mode": "fresh"})
             return 0  # one trial per process
@@ -72,11 +79,29 @@ def _send(results, result, timings: dict) -> None:
     results.flush()
 
 
+class _StudyLine:
+    """The trial process's line to the study: intermediate losses out, the pruner's answer back."""
+
+    def __init__(self, requests, results):
+        self.requests = requests
+        self.results = results
+
+    def report(self, step: int, val_loss: float, train_seconds: float) -> bool:
+        record = {"step": step, "val_loss": val_loss, "train_seconds": train_seconds}
+        self.results.write(json.dumps({"intermediate": record}) + "\n")
+        self.results.flush()
+        answer = self.requests.readline()
+        if not answer:
+            return True  # the study is gone: nothing is waiting for the rest of this trial
+        return bool(json.loads(answer).get("prune"))
+
+
 class _Worker:
     """Imports the backend and loads the task once; runs a trial from a request."""
 
-    def __init__(self, setup: dict):
+    def __init__(self, setup: dict, study_line: _StudyLine | None = None):
         self.setup = setup
+        self.study_line = study_line
         self.device = setup["device"]
         self.phase_path = setup["phase_path"]
         self.backend = None
@@ -116,9 +141,13 @@ class _Worker:
         progress = None
         self.telemetry = _start_telemetry(self.device)  # before the trial's start is noted: its thread is baseline
         try:
-            from autobatch.backends.base import TrialProgress
+            from autobatch.schedule import ReportingProgress
 
-            progress = TrialProgress(on_phase=self._write_phase, on_baseline=lambda: self._mark_baseline(baseline))
+            progress = ReportingProgress(
+                self._report,
+                on_phase=self._write_phase,
+                on_baseline=lambda: self._mark_baseline(baseline),
+            )
             progress.phase = "setup"
             if self.load_error is not None:
                 raise self.load_error
@@ -129,6 +158,8 @@ class _Worker:
             trial_started = time.perf_counter()
             measured = self.backend.run_trial(self.workload, config, budget, self.device, progress)
             timings["trial"] = time.perf_counter() - trial_started
+            extras = dict(measured.extras)
+            noise = extras.pop("gradient_noise", None) or {}
             result = TrialResult(
                 status="ok",
                 config=config,
@@ -136,8 +167,12 @@ class _Worker:
                 val_loss=measured.val_loss,
                 samples_trained=measured.samples_trained,
                 steps_timed=measured.steps_timed,
-                extras=measured.extras,
+                extras=extras,
                 timings={**timings, **measured.timings},
+                noise_scale=noise.get("b_simple"),
+                gradient_noise=noise,
+                intermediate_losses=extras.pop("intermediate_losses", None) or [],
+                pruned=bool(extras.pop("pruned", False)),
             )
         except BaseException as error:  # noqa: BLE001 - every failure becomes a result
             self._stop_telemetry()
@@ -216,6 +251,11 @@ class _Worker:
             return self.telemetry.stop()
         except Exception as error:  # telemetry never fails a trial
             return {"notes": [f"telemetry failed: {type(error).__name__}: {error}"]}
+
+    def _report(self, step: int, val_loss: float, train_seconds: float) -> bool:
+        if self.study_line is None:
+            return False
+        return self.study_line.report(step, val_loss, train_seconds)
 
     def _write_phase(self, phase: str) -> None:
         if self.telemetry is not None:

@@ -121,23 +121,6 @@ class SteadyStateTimer:
         return self.timed_samples / elapsed if elapsed > 0 else None
 
 
-def plan_trial_windows(n_train: int, micro_batch_size: int, accumulation_steps: int, budget) -> tuple[list[Window], list[Window]]:
-    """A trial's training windows over ``budget.train_samples``, and the timing-only windows after.
-
-    Both come from one seeded stream, so every framework trains on the same samples
-    in the same order, and timing windows continue where training stopped.
-    """
-    stream = SampleStream(n_train, seed=budget.seed)
-    train = list(plan_windows(stream, budget.train_samples, micro_batch_size, accumulation_steps))
-    extra = extra_timing_windows(len(train), budget.warmup_steps, budget.min_timed_steps)
-    timing = list(
-        plan_windows(
-            stream, extra * micro_batch_size * accumulation_steps, micro_batch_size, accumulation_steps, len(train)
-        )
-    )
-    return train, timing
-
-
 def extra_timing_windows(train_windows: int, warmup_windows: int, min_timed_windows: int) -> int:
     """Windows to run after evaluation, for timing alone, when training had too few to time.
 

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from autobatch.config import TrialBudget, TrialConfig, TrialResult
 from autobatch.errors import InvalidParameterError
@@ -102,12 +103,24 @@ class TrialWorker:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def run(self, config: TrialConfig, budget: TrialBudget | None = None, *, timeout: float | None = None) -> TrialResult:
-        """Run one trial; the child is started on first use and replaced when it ends."""
+    def run(
+        self,
+        config: TrialConfig,
+        budget: TrialBudget | None = None,
+        *,
+        timeout: float | None = None,
+        on_report: Callable[[int, float, float], bool] | None = None,
+    ) -> TrialResult:
+        """Run one trial; the child is started on first use and replaced when it ends.
+
+        A time-budgeted trial (``budget.train_seconds``) reports its intermediate
+        validation losses: ``on_report(step, val_loss, train_seconds)`` is called for
+        each, here, and returning True stops the trial (pruned). Without it, trials go on.
+        """
         budget = budget or TrialBudget()
         if timeout is not None and not timeout > 0:
             raise InvalidParameterError("timeout", timeout, "must be a number of seconds > 0, or None")
-        return self._run_once(config, budget, timeout)
+        return self._run_once(config, budget, timeout, on_report)
 
     def close(self) -> None:
         """Stop the child (if any). The worker starts a new one on its next trial."""
@@ -168,7 +181,7 @@ class TrialWorker:
         self._requests = os.fdopen(request_write, "w")
         self._results = os.fdopen(result_read, "r")
 
-    def _run_once(self, config: TrialConfig, budget: TrialBudget, timeout: float | None) -> TrialResult:
+    def _run_once(self, config: TrialConfig, budget: TrialBudget, timeout: float | None, on_report=None) -> TrialResult:
         if self._process is None:
             self._start()
         log_offset = (self._workdir / "log.txt").stat().st_size
@@ -180,7 +193,7 @@ class TrialWorker:
         except BrokenPipeError:
             pass  # the child is gone already; waiting below tells how
         try:
-            line, status, rusage, timed_out = self._wait_for_result(timeout)
+            line, status, rusage, timed_out = self._wait_for_result(timeout, on_report)
         except BaseException:
             self.close()
             raise
@@ -208,20 +221,26 @@ class TrialWorker:
             self.close()  # a child that ran the trial itself has exited, or is stopped now
         return result
 
-    def _wait_for_result(self, timeout: float | None):
-        """The child's result line, or how it ended without one: (line, status, rusage, timed_out)."""
+    def _wait_for_result(self, timeout: float | None, on_report=None):
+        """The child's result line, or how it ended without one: (line, status, rusage, timed_out).
+
+        Intermediate losses on the way are answered (see :meth:`run`). The trial process
+        waits for each answer, so nothing follows an intermediate line until it is sent.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         process = self._process
         while True:
             ready, _, _ = select.select([self._results], [], [], _POLL_SECONDS)
             if ready:
                 line = self._results.readline()
-                if line:
+                if line and not self._answered(line, on_report):
                     return line, None, None, False
             pid, status, rusage = os.wait4(process.pid, os.WNOHANG)
             if pid == process.pid:
                 process.returncode = os.waitstatus_to_exitcode(status)
                 line = self._results.readline()  # a result written just before exiting
+                while line and _intermediate(line) is not None:  # it died waiting for an answer
+                    line = self._results.readline()
                 self._process = None
                 return line, status, rusage, False
             if deadline is not None and time.monotonic() > deadline:
@@ -230,6 +249,28 @@ class TrialWorker:
                 process.returncode = os.waitstatus_to_exitcode(status)
                 self._process = None
                 return "", status, rusage, True
+
+    def _answered(self, line: str, on_report) -> bool:
+        """If ``line`` is an intermediate loss, send the trial its answer (prune or go on) and say so."""
+        record = _intermediate(line)
+        if record is None:
+            return False
+        prune = bool(on_report(record["step"], record["val_loss"], record["train_seconds"])) if on_report else False
+        try:
+            self._requests.write(json.dumps({"prune": prune}) + "\n")
+            self._requests.flush()
+        except BrokenPipeError:
+            pass  # the trial died meanwhile; waiting tells how
+        return True
+
+
+def _intermediate(line: str) -> dict | None:
+    """The ``intermediate`` record of a result-pipe line, or None for a final one."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record.get("intermediate") if isinstance(record, dict) else None
 
 
 def _kill(process: subprocess.Popen) -> None:

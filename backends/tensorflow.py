@@ -16,7 +16,6 @@ import contextlib
 import logging
 import os
 import sys
-import time
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -90,7 +89,9 @@ except ImportError:  # absl comes with TensorFlow, but nothing here needs it
 
 from autobatch.backends.base import Backend, TrialMeasurements, TrialProgress  # noqa: E402
 from autobatch.config import TrialBudget, TrialConfig  # noqa: E402
-from autobatch.windows import SteadyStateTimer, Window, plan_trial_windows  # noqa: E402
+from autobatch.noise import NoiseScaleEstimator  # noqa: E402
+from autobatch.schedule import TrialSchedule, run_schedule, trial_extras  # noqa: E402
+from autobatch.windows import SteadyStateTimer, Window  # noqa: E402
 from autobatch.workload import Workload  # noqa: E402
 
 _OOM_TEXTS = ("OOM when allocating", "ResourceExhausted", "std::bad_alloc", "Failed to allocate memory")
@@ -123,12 +124,8 @@ class TensorFlowBackend(Backend):
         self._memory_capped = True
 
     def is_oom(self, error: BaseException) -> bool:
-        if isinstance(error, (tf.errors.ResourceExhaustedError, MemoryError)):
-            return True
-        text = str(error)
-        if isinstance(error, (tf.errors.InternalError, tf.errors.UnknownError, RuntimeError)):
-            return any(marker in text for marker in _OOM_TEXTS)
-        return False
+        # The error or what it was raised from: TensorFlow on the CPU wraps some OOMs (see is_oom_error).
+        return is_oom_error(error)
 
     def peak_memory_bytes(self, device: str) -> int | None:
         return _memory_info(device, "peak")
@@ -159,53 +156,46 @@ class TensorFlowBackend(Backend):
                 make_loss(workload.loss),
                 x_spec=batch_spec(workload.x_train),
                 y_spec=batch_spec(workload.y_train),
+                # the noise scale needs two batch sizes, a micro-batch's and its window's: only with accumulation
+                measure_noise=budget.measure_noise and config.accumulation_steps > 1,
             )
             data = ArrayData(workload.x_train, workload.y_train)
-
-            train_windows, extra_windows = plan_trial_windows(
+            schedule = TrialSchedule(
                 len(workload.y_train), config.micro_batch_size, config.accumulation_steps, budget
             )
             progress.mark_baseline()
+            estimator = NoiseScaleEstimator()
 
-            progress.phase = "train"
-            timer = SteadyStateTimer(budget.warmup_steps)
-            started = time.perf_counter()
-            last_loss = self._train_windows(trainer, data, train_windows, timer)
-            train_seconds = time.perf_counter() - started
+            def train(window: Window, micro_batches, measure: bool) -> float:
+                for micro_batch, (x, y) in zip(window.micro_batches, micro_batches):
+                    trainer.accumulate(x, y, tf.constant(len(micro_batch) / window.size, tf.float32))
+                loss = float(trainer.apply())  # reading the loss waits for the update to finish
+                # A short last micro-batch would give the estimator a third batch size: its window is left out.
+                if measure and trainer.measures_noise and len({len(mb) for mb in window.micro_batches}) == 1:
+                    estimator.add_window(config.micro_batch_size, window.size, *trainer.last_noise_norms())
+                return loss
 
-            progress.phase = "eval"
-            if extra_windows:  # evaluation sits between timed windows only when more follow
-                timer.pause()
-            eval_started = time.perf_counter()
             eval_batch = budget.eval_batch_size or config.micro_batch_size
-            val_loss = trainer.evaluate(workload.x_val, workload.y_val, eval_batch, limit=budget.val_samples)
-            eval_seconds = time.perf_counter() - eval_started
-            if extra_windows:
-                timer.resume()
-                progress.phase = "train"
-                self._train_windows(trainer, data, extra_windows, timer)
+
+            def validate() -> float:
+                return trainer.evaluate(workload.x_val, workload.y_val, eval_batch, limit=budget.val_samples)
+
+            timer = SteadyStateTimer(budget.warmup_steps)
+            outcome = run_schedule(
+                schedule, feed=data.windows, train=train, evaluate=validate, progress=progress, timer=timer
+            )
         return TrialMeasurements(
             samples_per_second=timer.samples_per_second,
-            val_loss=val_loss,
-            samples_trained=budget.train_samples,
+            val_loss=outcome.val_loss,
+            samples_trained=outcome.samples_trained,
             steps_timed=timer.timed_windows,
-            timings={"train": train_seconds, "eval": eval_seconds},
-            extras={"final_train_loss": last_loss, "traces": dict(trainer.trace_counts)},
+            timings={"train": outcome.train_seconds, "eval": outcome.eval_seconds},
+            extras={
+                "final_train_loss": outcome.last_train_loss,
+                "traces": dict(trainer.trace_counts),
+                **trial_extras(outcome, estimator),
+            },
         )
-
-    def _train_windows(
-        self, trainer: "MicroBatchTrainer", data: "ArrayData", windows: Sequence[Window], timer: SteadyStateTimer
-    ) -> float:
-        # Built here so that data loading runs inside the timed region, as the torch DataLoader does.
-        batches = iter(data.micro_batches(mb for window in windows for mb in window.micro_batches))
-        loss = float("nan")
-        for window in windows:
-            for micro_batch in window.micro_batches:
-                x, y = next(batches)
-                trainer.accumulate(x, y, tf.constant(len(micro_batch) / window.size, tf.float32))
-            loss = float(trainer.apply())  # reading the loss waits for the update to finish
-            timer.window_done(window.size)
-        return loss
 
 
 class MicroBatchTrainer:
@@ -221,6 +211,8 @@ class MicroBatchTrainer:
     (give the batch dimension as ``None``, see :func:`batch_spec`); without them the
     functions generalise their shapes after the first distinct one, so at most a
     second trace. :attr:`trace_counts` tells how often each function was traced.
+    ``measure_noise`` also records, per window, the squared norms of the micro-batch
+    gradients and of the window's (:meth:`last_noise_norms`), for :mod:`autobatch.noise`.
     """
 
     def __init__(
@@ -231,9 +223,11 @@ class MicroBatchTrainer:
         *,
         x_spec: Any = None,
         y_spec: Any = None,
+        measure_noise: bool = False,
     ):
         self.model = model
         self.optimizer = optimizer
+        self.measures_noise = measure_noise
         self.loss_fn: PerSampleLoss = make_loss(loss) if isinstance(loss, str) else loss
         self.trace_counts = {"accumulate": 0, "apply": 0, "evaluate": 0}
         self._variables = list(model.trainable_variables)
@@ -246,6 +240,10 @@ class MicroBatchTrainer:
             for v in self._variables
         ]
         self._window_loss = tf.Variable(0.0, dtype=tf.float32, trainable=False, name="window_loss")
+        if measure_noise:
+            self._micro_sq_sum = tf.Variable(0.0, dtype=tf.float32, trainable=False, name="micro_grad_sq_sum")
+            self._micro_count = tf.Variable(0.0, dtype=tf.float32, trainable=False, name="micro_batch_count")
+            self._noise_norms = tf.Variable([0.0, 0.0], dtype=tf.float32, trainable=False, name="noise_norms")
 
         if x_spec is not None and y_spec is not None:
             share_spec = tf.TensorSpec((), tf.float32)
@@ -265,6 +263,11 @@ class MicroBatchTrainer:
     def accumulated_gradients(self) -> list:
         """The gradients summed since the last :meth:`apply` (scaled, under a LossScaleOptimizer)."""
         return [accumulator.read_value() for accumulator in self._accumulators]
+
+    def last_noise_norms(self) -> tuple[float, float]:
+        """The last window's (mean squared norm of its micro-batch gradients, squared norm of its gradient)."""
+        micro_sq, window_sq = self._noise_norms.numpy().tolist()
+        return float(micro_sq), float(window_sq)
 
     def train_window(self, micro_batches: Iterable[tuple[Any, Any]]) -> float:
         """One optimizer step over ``micro_batches`` [(x, y), ...]; returns the window's mean loss."""
@@ -302,6 +305,11 @@ class MicroBatchTrainer:
                 )
             else:
                 accumulator.assign_add(tf.cast(gradient, accumulator.dtype))
+        if self.measures_noise:
+            # The gradient of this micro-batch's mean loss is the tape's divided by share × loss scale.
+            squared = _squared_norm(gradients)
+            self._micro_sq_sum.assign_add(squared / tf.square(share * self._loss_scale()))
+            self._micro_count.assign_add(1.0)
         self._window_loss.assign_add(loss)
         return loss
 
@@ -309,6 +317,12 @@ class MicroBatchTrainer:
         """One optimizer step with the accumulated gradients, then zero them; returns the window's loss."""
         self.trace_counts["apply"] += 1
         gradients = [accumulator.read_value() for accumulator in self._accumulators]
+        if self.measures_noise:  # before the step, which may change the loss scale
+            window_sq = _squared_norm(gradients) / tf.square(self._loss_scale())
+            micro_sq = self._micro_sq_sum.read_value() / tf.maximum(self._micro_count.read_value(), 1.0)
+            self._noise_norms.assign(tf.stack([micro_sq, window_sq]))
+            self._micro_sq_sum.assign(0.0)
+            self._micro_count.assign(0.0)
         # A LossScaleOptimizer unscales here, once, and skips the step if any gradient is not finite.
         self.optimizer.apply_gradients(zip(gradients, self._variables))
         window_loss = self._window_loss.read_value()
@@ -316,6 +330,10 @@ class MicroBatchTrainer:
             accumulator.assign(tf.zeros_like(accumulator))
         self._window_loss.assign(0.0)
         return window_loss
+
+    def _loss_scale(self):
+        """What the loss, and so every gradient, is multiplied by: a LossScaleOptimizer's scale, else 1."""
+        return tf.cast(self.optimizer.scale_loss(tf.constant(1.0, tf.float32)), tf.float32)
 
     def _loss_sum(self, x, y):
         self.trace_counts["evaluate"] += 1
@@ -344,6 +362,30 @@ class ArrayData:
                 .map(lambda idx: (tf.gather(x, idx), tf.gather(y, idx)))
                 .prefetch(tf.data.AUTOTUNE)
             )
+
+
+    def windows(self, chunks: Iterable[Sequence[Window]]):
+        """Each window with its micro-batches as a lazy iterator of ``(x, y)``, one pipeline per chunk.
+
+        Lazy, so a window's micro-batches come out of the prefetching pipeline one at a
+        time, as the trainer asks for them.
+        """
+        for windows in chunks:
+            batches = iter(self.micro_batches(mb for window in windows for mb in window.micro_batches))
+            for window in windows:
+                yield window, (next(batches) for _ in window.micro_batches)
+
+
+def _squared_norm(gradients) -> "tf.Tensor":
+    """Σ |g|² over a list of gradients, in float32 (a sparse one is summed into its dense form first)."""
+    total = tf.constant(0.0, tf.float32)
+    for gradient in gradients:
+        if gradient is None:
+            continue
+        if isinstance(gradient, tf.IndexedSlices):  # repeated indices add up before squaring
+            gradient = tf.convert_to_tensor(gradient)
+        total += tf.reduce_sum(tf.square(tf.cast(gradient, tf.float32)))
+    return total
 
 
 class MixedPrecision:
@@ -656,7 +698,9 @@ _ONEDNN_OOM_TEXTS = ("could not create a memory object", "could not create a pri
 
 
 def is_oom_error(error: BaseException) -> bool:
-    """:meth:`TensorFlowBackend.is_oom`, and the other ways TensorFlow on the CPU shows it is out of memory.
+    """Whether ``error``, or an error it was raised from, shows TensorFlow ran out of memory.
+
+    :meth:`TensorFlowBackend.is_oom` is this function, so trials and training agree.
 
     oneDNN's allocation failures come as ``AbortedError``; an allocation that fails while
     a ``tf.function`` binds its inputs or serialises its graph comes as a ``TypeError``
@@ -669,7 +713,11 @@ def is_oom_error(error: BaseException) -> bool:
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if TensorFlowBackend().is_oom(error):
+        if isinstance(error, (tf.errors.ResourceExhaustedError, MemoryError)):
+            return True
+        if isinstance(error, (tf.errors.InternalError, tf.errors.UnknownError, RuntimeError)) and any(
+            marker in str(error) for marker in _OOM_TEXTS
+        ):
             return True
         if isinstance(error, tf.errors.AbortedError) and any(text in str(error) for text in _ONEDNN_OOM_TEXTS):
             return True

@@ -9,7 +9,6 @@ window, and gradients are zeroed once per window.
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -20,7 +19,9 @@ from torch.utils.data import DataLoader
 
 from autobatch.backends.base import Backend, TrialMeasurements, TrialProgress
 from autobatch.config import TrialBudget, TrialConfig
-from autobatch.windows import SteadyStateTimer, Window, plan_trial_windows
+from autobatch.noise import NoiseScaleEstimator
+from autobatch.schedule import TrialSchedule, run_schedule, trial_extras
+from autobatch.windows import SteadyStateTimer, Window
 from autobatch.workload import Workload
 
 # What an allocation failure under RLIMIT_DATA looks like on the CPU: the default
@@ -77,59 +78,53 @@ class TorchBackend(Backend):
         precision = MixedPrecision(torch_device, enabled=budget.mixed_precision)
 
         train_set = ArrayDataset(workload.x_train, workload.y_train)
-        train_windows, extra_windows = plan_trial_windows(
-            len(train_set), config.micro_batch_size, config.accumulation_steps, budget
-        )
+        schedule = TrialSchedule(len(train_set), config.micro_batch_size, config.accumulation_steps, budget)
+        # The noise scale needs two batch sizes, a micro-batch's and its window's: only with accumulation.
+        meter = GradientNoiseMeter(model.parameters()) if budget.measure_noise and config.accumulation_steps > 1 else None
         if on_cuda:
             torch.cuda.synchronize(torch_device)
         progress.mark_baseline()
 
-        progress.phase = "train"
-        timer = SteadyStateTimer(budget.warmup_steps)
-        started = time.perf_counter()
-        last_loss = self._train_windows(
-            model, optimizer, loss_fn, precision, train_set, train_windows, budget, torch_device, timer
-        )
-        train_seconds = time.perf_counter() - started
+        def feed(chunks):
+            return _device_batches(train_set, chunks, budget, torch_device)
 
-        progress.phase = "eval"
-        timer.pause()
-        eval_started = time.perf_counter()
+        def train(window: Window, micro_batches, measure: bool) -> float:
+            measured = meter if measure else None
+            loss = train_window(model, optimizer, loss_fn, micro_batches, precision=precision, noise_meter=measured)
+            if on_cuda:
+                torch.cuda.synchronize(torch_device)
+            return loss
+
         eval_batch = budget.eval_batch_size or config.micro_batch_size
-        val_loss = evaluate(
-            model, loss_fn, workload.x_val, workload.y_val, eval_batch, torch_device, precision, budget.val_samples
-        )
-        eval_seconds = time.perf_counter() - eval_started
-        timer.resume()
 
-        if extra_windows:
-            progress.phase = "train"
-            model.train()
-            self._train_windows(
-                model, optimizer, loss_fn, precision, train_set, extra_windows, budget, torch_device, timer
+        def validate() -> float:
+            return evaluate(
+                model, loss_fn, workload.x_val, workload.y_val, eval_batch, torch_device, precision, budget.val_samples
             )
+
+        timer = SteadyStateTimer(budget.warmup_steps)
+        outcome = run_schedule(schedule, feed=feed, train=train, evaluate=validate, progress=progress, timer=timer)
+        estimator = NoiseScaleEstimator()
+        if meter is not None:
+            meter.close()
+            for micro_sq_norm, window_sq_norm in meter.window_norms():
+                estimator.add_window(
+                    config.micro_batch_size, config.effective_batch_size, micro_sq_norm, window_sq_norm
+                )
         return TrialMeasurements(
             samples_per_second=timer.samples_per_second,
-            val_loss=val_loss,
-            samples_trained=budget.train_samples,
+            val_loss=outcome.val_loss,
+            samples_trained=outcome.samples_trained,
             steps_timed=timer.timed_windows,
-            timings={"train": train_seconds, "eval": eval_seconds},
-            extras={"final_train_loss": last_loss},
+            timings={"train": outcome.train_seconds, "eval": outcome.eval_seconds},
+            extras={"final_train_loss": outcome.last_train_loss, **trial_extras(outcome, estimator)},
         )
 
-    def _train_windows(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        loss_fn,
-        precision: "MixedPrecision",
-        dataset: "ArrayDataset",
-        windows: Sequence[Window],
-        budget: TrialBudget,
-        device: torch.device,
-        timer: SteadyStateTimer,
-    ) -> float:
-        on_cuda = device.type == "cuda"
+
+def _device_batches(dataset: "ArrayDataset", chunks, budget: TrialBudget, device: torch.device):
+    """Each window with its micro-batches on ``device``; one DataLoader (the window plan as its batch sampler) per chunk."""
+    on_cuda = device.type == "cuda"
+    for windows in chunks:
         loader = DataLoader(
             dataset,
             batch_sampler=[mb for window in windows for mb in window.micro_batches],
@@ -138,17 +133,80 @@ class TorchBackend(Backend):
             pin_memory=on_cuda,
         )
         batches = iter(loader)
-        loss = float("nan")
         for window in windows:
-            micro_batches = [
+            yield window, [
                 (x.to(device, non_blocking=on_cuda), y.to(device, non_blocking=on_cuda))
                 for x, y in (next(batches) for _ in window.micro_batches)
             ]
-            loss = train_window(model, optimizer, loss_fn, micro_batches, precision=precision)
-            if on_cuda:
-                torch.cuda.synchronize(device)
-            timer.window_done(window.size)
-        return loss
+
+
+class GradientNoiseMeter:
+    """The squared norms the noise-scale estimate needs (:mod:`autobatch.noise`), per window.
+
+    A hook on every parameter receives the gradient one backward pass adds before it is
+    summed into ``.grad``, which is the micro-batch's own gradient: its norm costs one
+    reduction per parameter, and no copy of the accumulated gradient. The window's norm
+    is read from ``.grad`` before the optimizer step. Everything stays on the device
+    until :meth:`window_norms`, so measuring adds no synchronisation. A window whose
+    micro-batches differ in size (a short last one) is left out: the estimate needs
+    exactly two batch sizes.
+    """
+
+    def __init__(self, parameters):
+        self._parameters = [p for p in parameters if p.requires_grad]
+        self._handles = [p.register_hook(self._record) for p in self._parameters]
+        self._active = False
+        self._norms: list[torch.Tensor] = []  # this window's parameter-gradient norms, all its micro-batches
+        self._shares: list[float] = []
+        self._windows: list[torch.Tensor] = []  # per window: (Σ micro-batch |grad|², |window grad|²), as summed
+        self._factors: list[tuple[float, float]] = []  # per window: what turns those into mean-loss gradients
+
+    def start_window(self) -> None:
+        self._active = True
+        self._norms, self._shares = [], []
+
+    def micro_batch_done(self, share: float) -> None:
+        """After a micro-batch's backward: its loss was its mean loss × ``share`` (× the loss scale)."""
+        self._shares.append(share)
+
+    def window_done(self, loss_scale: float) -> None:
+        """Before the optimizer step, while ``.grad`` holds the window's gradient (× ``loss_scale``)."""
+        self._active = False
+        grads = [p.grad for p in self._parameters if p.grad is not None]
+        if not grads or not self._norms or len(set(self._shares)) != 1:
+            return
+        micro = torch.linalg.vector_norm(torch.stack(self._norms))
+        window = torch.linalg.vector_norm(torch.stack([_norm(g) for g in grads]))
+        self._windows.append(torch.stack([micro, window]))
+        # Each micro-batch gradient carried share × scale, the window's gradient the scale alone.
+        share = self._shares[0]
+        self._factors.append((1.0 / (len(self._shares) * (share * loss_scale) ** 2), 1.0 / loss_scale**2))
+
+    def window_norms(self) -> list[tuple[float, float]]:
+        """(mean squared norm of the micro-batch gradients, squared norm of the window's) per measured window."""
+        if not self._windows:
+            return []
+        norms = torch.stack(self._windows).double().cpu().tolist()
+        return [(micro**2 * a, window**2 * b) for (micro, window), (a, b) in zip(norms, self._factors)]
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _record(self, grad: torch.Tensor) -> None:
+        if self._active:  # runs once per parameter and micro-batch: kept to one reduction
+            self._norms.append(_norm(grad))
+
+
+def _norm(tensor: torch.Tensor) -> torch.Tensor:
+    """The 2-norm, reduced in at least float32 (a float16 norm overflows past 65504)."""
+    if tensor.dtype in _HALF_TYPES:
+        return torch.linalg.vector_norm(tensor, dtype=torch.float32)
+    return torch.linalg.vector_norm(tensor)
+
+
+_HALF_TYPES = (torch.float16, torch.bfloat16)
 
 
 def train_window(
@@ -159,21 +217,29 @@ def train_window(
     *,
     precision: "MixedPrecision | None" = None,
     scheduler=None,
+    noise_meter: "GradientNoiseMeter | None" = None,
 ) -> float:
     """One optimizer step over a window of micro-batches; returns the window's mean loss.
 
     Each micro-batch's mean loss is scaled by its share of the window's samples
     before ``backward``, so the accumulated gradient equals the full-window gradient.
+    A ``noise_meter`` records the micro-batch and window gradient norms on the way.
     """
     precision = precision or MixedPrecision(torch.device("cpu"), enabled=False)
     total = sum(len(y) for _, y in micro_batches)
     window_loss = 0.0
+    if noise_meter is not None:
+        noise_meter.start_window()
     for x, y in micro_batches:
         share = len(y) / total
         with precision.autocast():
             loss = loss_fn(model(x), y) * share
         precision.backward(loss)
         window_loss += float(loss.detach())
+        if noise_meter is not None:
+            noise_meter.micro_batch_done(share)
+    if noise_meter is not None:
+        noise_meter.window_done(precision.loss_scale())
     precision.step(optimizer)
     if scheduler is not None:
         scheduler.step()
@@ -224,6 +290,10 @@ class MixedPrecision:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
+    def loss_scale(self) -> float:
+        """The factor gradients carry until the step unscales them (1 without a scaler)."""
+        return float(self.scaler.get_scale()) if self.scaler is not None else 1.0
+
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.scaler is None:
             optimizer.step()
@@ -270,7 +340,7 @@ def make_loss(name: str):
     raise ValueError(f"loss={name!r} is not supported by the torch backend")
 
 
-__all__ = ["TorchBackend", "train_window", "evaluate", "MixedPrecision", "ArrayDataset"]
+__all__ = ["TorchBackend", "train_window", "evaluate", "MixedPrecision", "ArrayDataset", "GradientNoiseMeter"]
 
 
 # -- Adaptive micro-batching (autobatch.adaptive) ---------------------------------------------------

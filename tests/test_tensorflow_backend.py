@@ -188,6 +188,20 @@ def test_oom_classification():
     assert backend.is_oom(tf.errors.InternalError(None, None, "Failed: OOM when allocating tensor with shape"))
     assert not backend.is_oom(tf.errors.InvalidArgumentError(None, None, "shape mismatch"))
     assert not backend.is_oom(ValueError("OOM when allocating"))
+    # Under a memory cap on the CPU some OOMs come wrapped or in other words; a probe must see them
+    # as OOMs, not as errors that stop the study.
+    assert backend.is_oom(tf.errors.AbortedError(None, None, "could not create a memory object"))
+
+    class EncodeError(Exception):  # protobuf's, when serialising a traced graph fails to allocate
+        pass
+
+    try:
+        try:
+            raise EncodeError("Failed to serialize proto")
+        except EncodeError as cause:
+            raise TypeError("tf.function could not bind its inputs") from cause
+    except TypeError as wrapped:
+        assert backend.is_oom(wrapped)
 
 
 @pytest.mark.slow

@@ -1,0 +1,196 @@
+"""What a study optimizes: ``objective="pareto"``, ``"goodput"`` or ``"time-to-target"``.
+
+- ``pareto`` (the default): two objectives, throughput up and the validation loss after a
+  fixed number of samples down. Recommended: the fastest feasible Pareto trial whose loss
+  is within the loss tolerance of the best. Throughput alone would reward the largest
+  batch; loss after fixed samples penalises it; the front shows the trade.
+- ``goodput``: one objective, throughput × statistical efficiency, efficiency =
+  (B_noise + B_0)/(B_noise + B) for effective batch B against the task's base batch B_0
+  (Pollux, OSDI 2021), with B_noise the gradient noise scale measured once when the study
+  starts (so every trial is ranked by the same number). Goodput ranks batch sizes given
+  a learning rate that keeps up with them, so the learning rate follows its rule
+  (``adascale`` by default) and is not searched.
+- ``time-to-target``: one objective, the validation loss reached within a fixed training
+  time per trial (``TrialBudget.train_seconds``). The loss is measured at evenly spaced
+  points; Optuna's successive-halving or Hyperband pruner stops trials that trail at them.
+
+Every objective keeps the memory constraint, the user attrs and the throughput/loss
+Pareto front of the note; they differ in the values Optuna is told and in the
+recommendation.
+"""
+
+from __future__ import annotations
+
+import math
+
+from autobatch.errors import InvalidParameterError
+
+OBJECTIVES = ("pareto", "goodput", "time-to-target")
+PRUNERS = ("successive-halving", "hyperband", "none")
+#: the validation loss recorded for trials that did not produce one (OOM, skipped, diverged)
+PLACEHOLDER_LOSS = 1e3
+#: a pruner keeps the best 1/3 of the trials at each rung (Optuna's Hyperband default)
+REDUCTION_FACTOR = 3
+
+
+class Objective:
+    """How one objective turns a trial's measurements into Optuna values, and picks a trial."""
+
+    name = ""
+    directions: tuple[str, ...] = ()
+    metric_names: tuple[str, ...] = ()
+    #: whether intermediate losses are reported to a pruner
+    prunes = False
+    #: whether the learning rate is the rule's, without a searched offset
+    pins_learning_rate = False
+
+    def values(self, throughput: float, val_loss: float, efficiency: float) -> tuple[float, ...]:
+        """Optuna's values for a feasible trial that trained to the end."""
+        raise NotImplementedError
+
+    def placeholder(self) -> tuple[float, ...]:
+        """Values for a trial that produced no measurement (OOM, skipped, diverged): the worst plausible."""
+        raise NotImplementedError
+
+    def recommend(self, feasible: list, loss_tolerance: float):
+        """The trial to recommend among feasible, complete, non-diverged trials (None if none)."""
+        raise NotImplementedError
+
+    def rule_text(self, loss_tolerance: float) -> str:
+        """How the recommendation was chosen, for the study note."""
+        raise NotImplementedError
+
+
+class ParetoObjective(Objective):
+    name = "pareto"
+    directions = ("maximize", "minimize")
+    metric_names = ("throughput (samples/s)", "validation loss")
+
+    def values(self, throughput, val_loss, efficiency):
+        return (throughput, val_loss)
+
+    def placeholder(self):
+        return (0.0, PLACEHOLDER_LOSS)
+
+    def recommend(self, feasible, loss_tolerance):
+        return fastest_within_tolerance(pareto_front(feasible), loss_tolerance)
+
+    def rule_text(self, loss_tolerance):
+        return (
+            f"Rule: the fastest feasible Pareto-optimal trial whose validation loss is within "
+            f"{loss_tolerance:.0%} of the best feasible loss."
+        )
+
+
+class GoodputObjective(Objective):
+    name = "goodput"
+    directions = ("maximize",)
+    metric_names = ("goodput (base-batch samples/s)",)
+    pins_learning_rate = True
+
+    def values(self, throughput, val_loss, efficiency):
+        return (throughput * efficiency,)
+
+    def placeholder(self):
+        return (0.0,)
+
+    def recommend(self, feasible, loss_tolerance):
+        return max(feasible, key=lambda t: t.values[0], default=None)
+
+    def rule_text(self, loss_tolerance):
+        return (
+            "Rule: the feasible trial with the highest goodput, throughput × statistical efficiency "
+            "(B_noise + B_0)/(B_noise + B): samples/s counted at what they are worth at the base batch."
+        )
+
+
+class TimeToTargetObjective(Objective):
+    name = "time-to-target"
+    directions = ("minimize",)
+    metric_names = ("validation loss within the time budget",)
+    prunes = True
+
+    def values(self, throughput, val_loss, efficiency):
+        return (val_loss,)
+
+    def placeholder(self):
+        return (PLACEHOLDER_LOSS,)
+
+    def recommend(self, feasible, loss_tolerance):
+        return min(feasible, key=lambda t: t.values[0], default=None)
+
+    def rule_text(self, loss_tolerance):
+        return (
+            "Rule: the feasible trial that trained to the end of its time budget with the lowest "
+            "validation loss (pruned trials are not candidates)."
+        )
+
+
+_BY_NAME = {objective.name: objective for objective in (ParetoObjective(), GoodputObjective(), TimeToTargetObjective())}
+
+
+def get_objective(name: str) -> Objective:
+    """The objective named ``name``, or an error naming what is allowed."""
+    if name not in _BY_NAME:
+        raise InvalidParameterError("objective", name, f"must be one of {list(OBJECTIVES)}")
+    return _BY_NAME[name]
+
+
+def check_pruner(name: str) -> str:
+    if name not in PRUNERS:
+        raise InvalidParameterError("pruner", name, f"must be one of {list(PRUNERS)}")
+    return name
+
+
+def make_pruner(name: str, evaluations: int):
+    """Optuna's pruner for a time-to-target study whose trials evaluate ``evaluations`` times.
+
+    Steps are evaluation numbers 1..evaluations; the first rung is the first evaluation,
+    each next rung ``REDUCTION_FACTOR`` times later. Pruners keep no state of their own
+    (rungs are trial system attrs in the storage), so every worker makes its own.
+    """
+    import optuna
+
+    check_pruner(name)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=1, max_resource=max(evaluations, 1), reduction_factor=REDUCTION_FACTOR
+        )
+    return optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=1, reduction_factor=REDUCTION_FACTOR, min_early_stopping_rate=0
+    )
+
+
+def measured(trial) -> tuple[float, float]:
+    """(throughput, validation loss) a trial measured, whatever its objective's values are."""
+    if trial.values is not None and len(trial.values) == 2:
+        return float(trial.values[0]), float(trial.values[1])  # the pareto objective's values are just that
+    attrs = trial.user_attrs
+    loss = attrs.get("val_loss")
+    return float(attrs.get("samples_per_second") or 0.0), float(loss) if loss is not None else math.nan
+
+
+def pareto_front(trials: list) -> list:
+    """Trials no other trial beats on both throughput (higher) and loss (lower)."""
+    points = {t.number: measured(t) for t in trials}
+    front = []
+    for candidate in trials:
+        speed, loss = points[candidate.number]
+        dominated = any(
+            other_speed >= speed and other_loss <= loss and (other_speed, other_loss) != (speed, loss)
+            for other_speed, other_loss in points.values()
+        )
+        if not dominated:
+            front.append(candidate)
+    return front
+
+
+def fastest_within_tolerance(front: list, loss_tolerance: float):
+    """The fastest trial whose loss is within ``loss_tolerance`` of the best loss in ``front``."""
+    if not front:
+        return None
+    best_loss = min(measured(t)[1] for t in front)
+    allowed = best_loss + loss_tolerance * abs(best_loss)
+    return max((t for t in front if measured(t)[1] <= allowed), key=lambda t: measured(t)[0])
