@@ -93,13 +93,47 @@ def versions(*packages: str) -> str:
 
 
 def machine_line(*packages: str) -> str:
-    """One line that says where and with what a table was measured."""
+    """One line that says where and with what a table was measured, and how busy the machine was."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    busy = cpu_busy_share()
     libraries = versions("torch", "tensorflow-cpu", "tensorflow", "keras", "optuna", *packages)
     return (
         f"Machine: {cpu_model()}, {os.cpu_count()} cores (shared), Linux {platform.release()}, "
-        f"Python {platform.python_version()}; {libraries}; {datetime.now():%Y-%m-%d %H:%M}, "
-        f"load average {load:.1f} at the start."
+        f"Python {platform.python_version()}; {libraries}; {datetime.now():%Y-%m-%d %H:%M}; at the start "
+        f"{busy:.0%} of the cores were busy with other work (1 s sample), load average {load:.1f}."
+    )
+
+
+def cpu_busy_share(seconds: float = 1.0) -> float:
+    """The share of all cores' time spent busy (or stolen by the hypervisor) over ``seconds``.
+
+    The load average lags by minutes and still counts a benchmark that just ended; this is now.
+    """
+    before = _machine_ticks()
+    time.sleep(seconds)
+    after = _machine_ticks()
+    if before is None or after is None or after[0] <= before[0]:
+        return float("nan")
+    return (after[1] - before[1]) / (after[0] - before[0])
+
+
+def _machine_ticks() -> tuple[int, int] | None:
+    """(all ticks, busy ticks) summed over every core since boot, from /proc/stat."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    except (OSError, ValueError, IndexError):
+        return None
+    total = sum(fields)  # user nice system idle iowait irq softirq steal (guest time is inside user)
+    return total, total - fields[3] - fields[4]
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds of this process and of every child it has waited for (their children included)."""
+    import resource
+
+    return sum(
+        usage.ru_utime + usage.ru_stime
+        for usage in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
     )
 
 
@@ -173,21 +207,37 @@ def mib(nbytes: float | None) -> float | None:
 
 
 class Stopwatch:
-    """Wall seconds since creation; ``str()`` gives ``"123 s"``."""
+    """Wall seconds since creation, and how busy other processes kept the machine meanwhile."""
 
     def __init__(self) -> None:
         self.started = time.perf_counter()
+        self._machine_started = _machine_ticks()
+        self._own_started = _own_cpu_seconds()
 
     @property
     def seconds(self) -> float:
         return time.perf_counter() - self.started
+
+    def others_busy_share(self) -> float:
+        """Busy core time not spent by this benchmark or its children, as a share of all cores' time."""
+        now = _machine_ticks()
+        if now is None or self._machine_started is None or now[0] <= self._machine_started[0]:
+            return float("nan")
+        ticks_per_second = os.sysconf("SC_CLK_TCK")
+        own_ticks = (_own_cpu_seconds() - self._own_started) * ticks_per_second
+        others = (now[1] - self._machine_started[1]) - own_ticks
+        return max(0.0, others / (now[0] - self._machine_started[0]))
 
     def __str__(self) -> str:
         return f"{self.seconds:.0f} s"
 
 
 def footer(command: str, stopwatch: Stopwatch) -> str:
-    return f"Command: `{command}` — finished in {stopwatch.seconds:.0f} s."
+    others = stopwatch.others_busy_share()
+    return (
+        f"Command: `{command}` — finished in {stopwatch.seconds:.0f} s; meanwhile other processes kept about "
+        f"{others:.0%} of the {os.cpu_count()} cores busy (children not yet waited for would count as others)."
+    )
 
 
 def command_line() -> str:

@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     for task in TASKS:
         sizes = QUICK_MICRO_BATCHES[task] if args.quick else MICRO_BATCHES[task]
         print(f"sweep {task}: micro-batch {sizes} × accumulation {ACCUMULATION}, both frameworks in turn ...", flush=True)
-        sweeps[task] = sweep(task, sizes, args.budget, trial_budget(task, args.quick))
+        sweeps[task] = sweep(task, sizes, args.budget, trial_budget(task, args.quick), skip_long_windows=args.quick)
     tuned = {}
     for task in TASKS:
         for framework in FRAMEWORKS:
@@ -97,8 +97,13 @@ def _options(parser) -> None:
     parser.add_argument("--trials", type=int, default=None, help="search trials per study (default 16, 3 with --quick)")
 
 
-def sweep(task: str, sizes: list[int], budget: str, trial_budget) -> list[dict]:
-    """Every (micro-batch, accumulation) on both frameworks, alternating which goes first."""
+def sweep(task: str, sizes: list[int], budget: str, trial_budget, skip_long_windows: bool = False) -> list[dict]:
+    """Every (micro-batch, accumulation) on both frameworks, alternating which goes first.
+
+    ``skip_long_windows`` (``--quick``) leaves out configs whose window is larger than the
+    trial's sample budget: such a trial trains less than one window before it evaluates, then
+    runs its timing windows after, at several times the cost of the others.
+    """
     from autobatch import TrialConfig, load_workload
     from autobatch.worker import TrialWorker
 
@@ -109,6 +114,8 @@ def sweep(task: str, sizes: list[int], budget: str, trial_budget) -> list[dict]:
         turn = 0
         for accumulation in ACCUMULATION:
             for micro in sizes:
+                if skip_long_windows and micro * accumulation > trial_budget.train_samples:
+                    continue
                 order = FRAMEWORKS if turn % 2 == 0 else FRAMEWORKS[::-1]
                 turn += 1
                 for framework in order:
@@ -261,6 +268,8 @@ def render(args, header, sweeps, tuned, trials, clock) -> str:
         sizes = sorted({r["micro_batch"] for r in sweeps[task]})
         for accumulation in ACCUMULATION:
             for micro in sizes:
+                if not any(r["micro_batch"] == micro and r["accumulation"] == accumulation for r in sweeps[task]):
+                    continue  # not swept (--quick leaves out windows larger than the sample budget)
                 cells = [task, f"{micro} × {accumulation}"]
                 for framework in FRAMEWORKS:
                     row = _find([r for r in sweeps[task] if r["framework"] == framework], micro, accumulation)
@@ -303,7 +312,9 @@ def render(args, header, sweeps, tuned, trials, clock) -> str:
             "included; peak memory is the trial's data-segment peak (what `RLIMIT_DATA` limits). Best samples/s is the "
             "highest over the swept micro-batches (the micro-batch in brackets). Memory wall and recommendation: "
             f"`autobatch.tune(n_trials={trials})` with the same trial budget; time to tune includes the probe and "
-            "every worker start.",
+            "every worker start."
+            + (" With --quick, configs whose window (micro-batch × accumulation) is larger than the trial's sample "
+               "budget are not swept." if args.quick else ""),
             "",
             *_failure_notes(tuned),
             "## Sweep",

@@ -22,7 +22,7 @@ Every method looks for the largest micro-batch of ``--task`` (PyTorch, CPU) that
   that child is "the user's process", and every OOM it catches is counted.
 
 Each answer is then checked with a full trial in a fresh process under the full budget.
-Writes ``results/probe.md``.
+Writes ``results/probe.md`` and ``results/probe.png``.
 """
 
 from __future__ import annotations
@@ -42,8 +42,10 @@ from _common import (  # noqa: E402
     footer,
     machine_line,
     markdown_table,
+    new_figure,
     parse_args,
     pin_threads,
+    save_plot,
     threads_note,
     write_markdown,
 )
@@ -105,6 +107,7 @@ def main(argv=None) -> int:
             checked[name] = "below"
 
     text = render(args, header, ours, tools, truths, checked, budget_bytes, reduced_bytes, ceiling, clock)
+    plot(args, ours, tools, truths)
     write_markdown(args.results, "probe", text)
     return 0
 
@@ -289,8 +292,19 @@ def child_main(spec_path: Path) -> int:
     except BaseException as error:  # noqa: BLE001 - the report says what happened
         report["seconds_to_failure"] = time.perf_counter() - started
         report["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
+        if _is_cpu_oom(error):
+            # An out-of-memory error the tool did not recognise (oneDNN's "could not create a
+            # primitive"): it crashed the user's process, which is one more OOM there.
+            report["ooms"] += 1
+            report["crashed_on_oom"] = True
     Path(spec["report"]).write_text(json.dumps(report))
     return 0
+
+
+def _is_cpu_oom(error: BaseException) -> bool:
+    from autobatch.backends.torch import TorchBackend
+
+    return TorchBackend().is_oom(error)
 
 
 def _data_segment_bytes() -> int | None:
@@ -473,7 +487,7 @@ def render(args, header, ours, tools, truths, checked, budget_bytes, reduced_byt
                 _ratio(found, full),
                 f"{report['seconds']:.1f}" if "seconds" in report else "–",
                 f"{len(report.get('tried', []))} tries",
-                report.get("ooms", "?"),
+                oom_cell(report),
                 "–",
                 _yes(checked.get(name)),
             ]
@@ -502,10 +516,15 @@ def render(args, header, ours, tools, truths, checked, budget_bytes, reduced_byt
         f"- found/true ≥ 0.97 (against the bisection under the same margin-reduced cap): "
         f"{ratio:.3f} — **{'met' if ratio >= 0.97 else 'not met'}**"
         + (" (above 1: the probe's answer exceeds the truth)" if ratio > 1 else ""),
-        f"- seconds ≤ 0.5 × Lightning binsearch: {ours['seconds']:.1f} s vs {binsearch.get('seconds', float('nan')):.1f} s "
-        f"= {speed:.2f}× — **{'met' if speed <= 0.5 else 'not met'}**",
+        (
+            f"- seconds ≤ 0.5 × Lightning binsearch: {ours['seconds']:.1f} s vs {binsearch['seconds']:.1f} s "
+            f"= {speed:.2f}× — **{'met' if speed <= 0.5 else 'not met'}**"
+            if binsearch.get("seconds")
+            else f"- seconds ≤ 0.5 × Lightning binsearch: not measured, Lightning binsearch failed "
+            f"({binsearch.get('error', 'no result')}); autobatch took {ours['seconds']:.1f} s"
+        ),
         "- zero OOMs in the user's process: autobatch 0 (its probes run in trial workers) — **met**; "
-        + ", ".join(f"{labels[n].split(' (')[0]} {r.get('ooms', '?')}" for n, r in tools.items()),
+        + ", ".join(f"{labels[n].split(' (')[0]} {oom_cell(r)}" for n, r in tools.items()),
     ]
     tool_times = "; ".join(
         f"{name}: search {r.get('seconds', r.get('seconds_to_failure', float('nan'))):.1f} s, child process "
@@ -549,9 +568,41 @@ def render(args, header, ours, tools, truths, checked, budget_bytes, reduced_byt
             + (" (bracket seeded at the probe's answer, --quick)." if args.quick else " (bisection of [1, training-set size])."),
             *_repeat_notes(truths),
             "",
+            "![probe](probe.png)",
+            "",
             footer(command_line(), clock),
         ]
     )
+
+
+def plot(args, ours, tools, truths) -> None:
+    """How close each method got to the true wall (full budget), and what it cost."""
+    figure, (left, right) = new_figure(2, width=11, height=3.8)
+    short = {"lightning-power": "Lightning power", "lightning-binsearch": "Lightning binsearch", "accelerate": "Accelerate"}
+    names = ["autobatch probe"] + [short[n] for n in tools]
+    found = [ours["found"]] + [t.get("found") or 0 for t in tools.values()]
+    seconds = [ours["seconds"]] + [t.get("seconds", t.get("seconds_to_failure", 0.0)) for t in tools.values()]
+    ooms = ["0"] + [oom_cell(t) for t in tools.values()]
+    colours = ["tab:green"] + ["tab:grey"] * len(tools)
+    full = truths["full"]["wall"]
+    left.barh(range(len(names)), [f / full for f in found], color=colours)
+    left.axvline(1.0, color="black", linewidth=1, label=f"true wall, full budget ({full})")
+    left.axvline(truths["reduced"]["wall"] / full, color="black", linestyle="--", linewidth=1,
+                 label=f"true wall, 5% margin ({truths['reduced']['wall']})")
+    left.set_yticks(range(len(names)), names, fontsize=8)
+    left.invert_yaxis()
+    left.set_xlabel("micro-batch found / true wall")
+    left.set_title(f"{args.task}, budget {args.budget}", fontsize=10)
+    left.legend(fontsize=7, loc="lower right")
+    right.barh(range(len(names)), seconds, color=colours)
+    for row, (value, count) in enumerate(zip(seconds, ooms)):
+        right.text(value, row, f"  {count} OOM(s) in the user's process", va="center", fontsize=7)
+    right.set_yticks(range(len(names)), [""] * len(names))
+    right.invert_yaxis()
+    right.set_xlim(0, max(seconds) * 1.9)
+    right.set_xlabel("seconds of search")
+    right.set_title("cost", fontsize=10)
+    save_plot(figure, args.results, "probe")
 
 
 def _repeat_notes(truths: dict) -> list[str]:
@@ -562,6 +613,12 @@ def _repeat_notes(truths: dict) -> list[str]:
             passed = ", ".join(f"{m}: {n}/{times} fit" for m, n in truth["repeats"]["passed"].items())
             notes.append(f"- Repeated in fresh processes at the edge of the {label}-cap wall: {passed}.")
     return notes
+
+
+def oom_cell(report: dict) -> str:
+    """OOMs in the tool's (the user's) process; "(crashed)" when the last one was not recognised."""
+    count = report.get("ooms", "?")
+    return f"{count} (crashed)" if report.get("crashed_on_oom") else str(count)
 
 
 def _ratio(found, true) -> str:

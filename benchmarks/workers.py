@@ -1,8 +1,8 @@
 """Trials per minute with 1 and 2 workers on one PostgreSQL study, side by side in one run.
 
-    python benchmarks/workers.py                      # starts a throwaway PostgreSQL server
-    python benchmarks/workers.py --storage postgresql+psycopg://user:password@host:5432/db
-    python benchmarks/workers.py --task digits-cnn --backend tensorflow --trials 12 --workers 1 2 4
+    .venv/bin/python benchmarks/workers.py [--quick]     # starts a throwaway PostgreSQL server
+    .venv/bin/python benchmarks/workers.py --storage postgresql+psycopg://user:password@host:5432/db
+    .venv/bin/python benchmarks/workers.py --task digits-cnn --backend tensorflow --trials 12 --workers 1 2 4
 
 For each worker count, a study of its own: ``autobatch tune --trials 1`` creates it and
 probes the memory wall (not timed), then the workers (``autobatch worker --study-trials``)
@@ -10,38 +10,41 @@ start together and run ``--trials`` more; the clock runs from their start to the
 one's exit, start-up included. "Steady" counts from the first timed trial's start to the
 last one's end. On a CPU every worker trains with ``--threads`` threads (default 1), as
 one device per worker would; on a shared machine the figures move with the neighbours'
-load. The table is printed and written to ``benchmarks/results/workers.md``.
+load. Writes ``results/NAME.md`` and ``results/NAME.png`` (``--name``, default ``workers``).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import platform
 import subprocess
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    ROOT,
+    Stopwatch,
+    command_line,
+    footer,
+    machine_line,
+    markdown_table,
+    new_figure,
+    parse_args,
+    pin_threads,
+    save_plot,
+    threads_note,
+    write_markdown,
+)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--storage", default=None, help="a PostgreSQL URL (default: start a throwaway server)")
-    parser.add_argument("--task", default="digits-mlp")
-    parser.add_argument("--backend", default="torch")
-    parser.add_argument("--memory-budget", default="1GiB")
-    parser.add_argument("--samples", type=int, default=1024, help="samples trained per trial")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--trials", type=int, default=8, help="timed trials per worker count")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads per worker (OMP_NUM_THREADS)")
-    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "workers.md")
-    args = parser.parse_args()
-
+def main(argv=None) -> int:
+    args = parse_args(__doc__.splitlines()[0], _options, argv)
+    clock = Stopwatch()
+    env = pin_threads(args.threads)
+    header = machine_line("psycopg")
+    trials = args.trials or (6 if args.quick else 8)
     server = None
     storage = args.storage
     if storage is None:
@@ -50,31 +53,44 @@ def main() -> int:
         server = start_private_server()
         storage = server.create_database("autobatch_bench")
     try:
-        rows = [measure(storage, args, workers) for workers in args.workers]
+        rows = []
+        for workers in args.workers:
+            print(f"{workers} worker(s), {trials} timed trials ...", flush=True)
+            rows.append(measure(storage, args, workers, trials, env))
+            print(f"  {rows[-1]['per_minute']:.1f} trials/min", flush=True)
     finally:
         if server is not None:
             server.stop()
-    table = render(rows, args)
-    print(table)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(table)
-    print(f"written to {args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output}")
+    text = render(rows, args, header, trials, clock)
+    plot(rows, args)
+    write_markdown(args.results, args.name, text)
     return 0
 
 
-def measure(storage: str, args, workers: int) -> dict:
+def _options(parser) -> None:
+    parser.add_argument("--storage", default=None, help="a PostgreSQL URL (default: start a throwaway server)")
+    parser.add_argument("--task", default="digits-mlp")
+    parser.add_argument("--backend", default="torch")
+    parser.add_argument("--memory-budget", default="1GiB")
+    parser.add_argument("--samples", type=int, default=1024, help="samples trained per trial")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--trials", type=int, default=None, help="timed trials per worker count (default 8, 6 with --quick)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--name", default="workers", help="file name of the table and plot under --results")
+
+
+def measure(storage: str, args, workers: int, trials: int, env: dict) -> dict:
     from autobatch.study import load_existing_study
 
     name = f"bench-{args.task}-{args.backend}-{workers}w-{datetime.now():%Y%m%d%H%M%S}"
     common = [args.task, "--backend", args.backend, "--memory-budget", args.memory_budget, "--samples",
               str(args.samples), "--device", args.device, "--storage", storage, "--study-name", name]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(args.threads), TF_NUM_INTEROP_THREADS="1",
-               TF_NUM_INTRAOP_THREADS=str(args.threads))
+    env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, "-m", "autobatch", "tune", *common, "--trials", "1", "--json"],
                    check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     started = time.perf_counter()
     processes = [
-        subprocess.Popen([sys.executable, "-m", "autobatch", "worker", *common, "--study-trials", str(1 + args.trials),
+        subprocess.Popen([sys.executable, "-m", "autobatch", "worker", *common, "--study-trials", str(1 + trials),
                           "--json"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for _ in range(workers)
     ]
@@ -98,29 +114,53 @@ def measure(storage: str, args, workers: int) -> dict:
     }
 
 
-def render(rows: list[dict], args) -> str:
+def render(rows: list[dict], args, header: str, trials: int, clock) -> str:
     base = rows[0]["per_minute"]
-    lines = [
-        f"# Trials per minute by worker count, one PostgreSQL study",
-        "",
-        f"{args.task} on {args.backend} ({args.device}), budget {args.memory_budget}, {args.samples} samples per "
-        f"trial, {args.threads} thread(s) per worker; {platform.node()}, {os.cpu_count()} CPUs, "
-        f"{datetime.now():%Y-%m-%d %H:%M}.",
-        "",
-        "| workers | timed trials | wall (s) | trials/min | speed-up | trials/min, steady | mean trial (s) |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['workers']} | {row['trials']} | {row['wall']:.1f} | {row['per_minute']:.1f} | "
-            f"{row['per_minute'] / base:.2f}x | {row['steady_per_minute']:.1f} | {row['trial_seconds']:.2f} |"
-        )
-    lines += [
-        "",
-        "Wall: from the workers' start (processes, imports, joining the study) to the last one's exit. "
-        "Steady: from the first timed trial's start to the last one's end. Mean trial: ask to tell, per trial.",
-    ]
-    return "\n".join(lines) + "\n"
+    table = markdown_table(
+        ["workers", "timed trials", "wall (s)", "trials/min", "speed-up", "trials/min, steady", "mean trial (s)"],
+        [
+            [r["workers"], r["trials"], r["wall"], r["per_minute"], f"{r['per_minute'] / base:.2f}×",
+             r["steady_per_minute"], r["trial_seconds"]]
+            for r in rows
+        ],
+        align="rrrrrrr",
+    )
+    return "\n".join(
+        [
+            "# Trials per minute by worker count, one PostgreSQL study",
+            "",
+            header,
+            threads_note(args.threads),
+            "",
+            f"{args.task} on {args.backend} ({args.device}), budget {args.memory_budget}, {args.samples} samples per "
+            f"trial, {trials} timed trials per worker count.",
+            "",
+            table,
+            "",
+            "Wall: from the workers' start (processes, imports, joining the study) to the last one's exit. "
+            "Steady: from the first timed trial's start to the last one's end. Mean trial: ask to tell, per trial. "
+            f"With {os.cpu_count()} cores shared with other work, more workers than free cores cannot scale.",
+            "",
+            f"![{args.name}]({args.name}.png)",
+            "",
+            footer(command_line(), clock),
+        ]
+    )
+
+
+def plot(rows: list[dict], args) -> None:
+    figure, (axis,) = new_figure(1, width=6, height=3.6)
+    counts = [r["workers"] for r in rows]
+    axis.plot(counts, [r["per_minute"] for r in rows], marker="o", label="wall (start-up included)")
+    axis.plot(counts, [r["steady_per_minute"] for r in rows], marker="s", label="steady")
+    axis.plot(counts, [rows[0]["per_minute"] * c / counts[0] for c in counts], linestyle="--", color="grey",
+              label="linear from 1 worker")
+    axis.set_xticks(counts)
+    axis.set_xlabel("workers")
+    axis.set_ylabel("trials per minute")
+    axis.set_title(f"{args.task} on {args.backend}, one PostgreSQL study", fontsize=10)
+    axis.legend(fontsize=8)
+    save_plot(figure, args.results, args.name)
 
 
 if __name__ == "__main__":
