@@ -437,7 +437,7 @@ def worker_label() -> str:
 
 
 def claim_trial(study, goal: int | None, deadline: float | None, before_ask: Callable[[], None] | None = None):
-    """The next trial of this worker, or None once the study holds ``goal`` COMPLETE trials.
+    """The next trial of this worker, or None once the study holds ``goal`` finished (complete or pruned) trials.
 
     Lost trials are failed (and queued again) first, and ``ask`` pops a queued config
     before drawing a new one. With a ``goal``, workers count and ask one at a time
@@ -454,8 +454,9 @@ def claim_trial(study, goal: int | None, deadline: float | None, before_ask: Cal
         return _ask_and_beat(study)
     while True:
         with study_lock(study):
-            trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-            complete = sum(1 for t in trials if t.state == TrialState.COMPLETE)
+            # A pruned trial ran and was judged, as in Optuna's own n_trials: it counts toward the goal.
+            trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
+            complete = sum(1 for t in trials if t.state != TrialState.RUNNING)
             if complete >= goal:
                 return None
             if len(trials) < goal:
@@ -571,9 +572,10 @@ def _file_lock(name: str):
 
 
 def complete_trial_count(study) -> int:
+    """Trials that ran to a verdict: complete, or pruned on their intermediate losses."""
     from optuna.trial import TrialState
 
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
 # Local workers: ``autobatch tune --workers N``.
@@ -673,7 +675,8 @@ def run_local_workers(
         if spread_gpus
         else [None] * n_workers
     )
-    seen = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))}
+    finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    seen = {t.number for t in study.get_trials(deepcopy=False, states=finished)}
     with tempfile.TemporaryDirectory(prefix="autobatch-workers-") as folder:
         processes = []
         for index, gpu in enumerate(gpus):
@@ -702,7 +705,7 @@ def run_local_workers(
             )
 
         def report_new_trials() -> None:
-            for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+            for trial in study.get_trials(deepcopy=False, states=finished):
                 if trial.number not in seen:
                     seen.add(trial.number)
                     if on_trial is not None and describe is not None:

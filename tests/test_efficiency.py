@@ -360,3 +360,17 @@ def test_cli_names_the_objective_options(run_cli, tmp_path):
     done = run_cli("tune", "digits-mlp", "--objective", "time-to-target", "--train-seconds", "-1", "--storage", storage)
     assert done.returncode == 2 and "--train-seconds=-1.0 is invalid" in done.stderr
     assert not (tmp_path / "x.db").exists()
+
+
+@pytest.mark.slow
+def test_pruned_trials_count_toward_the_trial_goal_of_local_workers(tmp_path):
+    # With two workers the goal is counted in the storage: a pruned trial ran and was judged, so it
+    # counts, as in Optuna's own n_trials; otherwise the workers would run on until 6 had completed.
+    result = tune(
+        **CURVES, memory_budget="256MiB", n_trials=6, n_workers=2, device="cpu",
+        storage=f"sqlite:///{tmp_path}/s.db", objective="time-to-target",
+        trial_budget=TrialBudget(train_seconds=1.0, evaluations=4),
+    )
+    states = [t.state.name for t in result.study.trials]
+    assert len(states) == 6 and "RUNNING" not in states, states
+    assert states.count("PRUNED") >= 1 and result.n_pruned_trials == states.count("PRUNED"), states
