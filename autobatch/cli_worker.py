@@ -48,7 +48,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-micro-batch", type=int, default=None, help="default: the probe's memory wall")
     parser.add_argument("--powers-of-two", action="store_true", help="search micro-batches that are powers of two")
     parser.add_argument("--max-accumulation", type=int, default=8)
-    parser.add_argument("--lr-rule", default=None, help="linear, sqrt or absolute (default: sqrt for Adam, linear for SGD)")
+    parser.add_argument("--lr-rule", default=None, help="linear, sqrt, adascale or absolute (default: sqrt for Adam, linear for SGD; adascale with --objective goodput)")
 
 
 def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
