@@ -352,7 +352,51 @@ def _require_positive_int(name: str, value: object) -> None:
         raise InvalidParameterError(name, value, "must be an integer >= 1")
 
 
+class AdaptiveStepper:
+    """What the frameworks' adaptive steppers share: a controller, made from their options or given."""
+
+    controller: MicroBatchController
+
+    def _take_controller(
+        self,
+        controller: "MicroBatchController | None",
+        micro_batch_size: int | None,
+        *,
+        max_micro_batch: int | None,
+        min_micro_batch: int,
+        grow_after: int | None,
+        adaptive: bool,
+        on_adaptation,
+    ) -> None:
+        if controller is None:
+            if micro_batch_size is None:
+                raise ValueError(f"{type(self).__name__} needs micro_batch_size (or a MicroBatchController)")
+            controller = MicroBatchController(
+                micro_batch_size,
+                max_micro_batch=max_micro_batch,
+                min_micro_batch=min_micro_batch,
+                grow_after=DEFAULT_GROW_AFTER if grow_after is None else grow_after,
+                adaptive=adaptive,
+                on_adaptation=on_adaptation,
+            )
+        self.controller = controller
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.controller.micro_batch_size
+
+    @property
+    def adaptations(self) -> list:
+        return self.controller.adaptations
+
+    @property
+    def samples_seen(self) -> int:
+        """Samples in the windows whose optimizer step was taken (a redone window counts once)."""
+        return self.controller.samples_seen
+
+
 __all__ = [
+    "AdaptiveStepper",
     "Adaptation",
     "MicroBatchController",
     "MicroBatchOOMError",

@@ -87,6 +87,7 @@ try:
 except ImportError:  # absl comes with TensorFlow, but nothing here needs it
     pass
 
+from autobatch.adaptive import AdaptiveStepper  # noqa: E402
 from autobatch.backends.base import Backend, TrialMeasurements, TrialProgress  # noqa: E402
 from autobatch.config import TrialBudget, TrialConfig  # noqa: E402
 from autobatch.noise import NoiseScaleEstimator  # noqa: E402
@@ -507,7 +508,7 @@ __all__ = [
 # -- Adaptive micro-batching (autobatch.adaptive) ---------------------------------------------------
 
 
-class AdaptiveMicroBatchTrainer:
+class AdaptiveMicroBatchTrainer(AdaptiveStepper):
     """Adaptive micro-batching for a Keras model in your own loop: one call per window (optimizer step).
 
     ::
@@ -557,37 +558,19 @@ class AdaptiveMicroBatchTrainer:
         trainer: "MicroBatchTrainer | None" = None,
         recover_in_process: bool = True,
     ):
-        from autobatch.adaptive import DEFAULT_GROW_AFTER, MicroBatchController
-
-        if controller is None:
-            if micro_batch_size is None:
-                raise ValueError("AdaptiveMicroBatchTrainer needs micro_batch_size (or a MicroBatchController)")
-            controller = MicroBatchController(
-                micro_batch_size,
-                max_micro_batch=max_micro_batch,
-                min_micro_batch=min_micro_batch,
-                grow_after=DEFAULT_GROW_AFTER if grow_after is None else grow_after,
-                adaptive=adaptive,
-                on_adaptation=on_adaptation,
-            )
-        self.controller = controller
+        self._take_controller(
+            controller,
+            micro_batch_size,
+            max_micro_batch=max_micro_batch,
+            min_micro_batch=min_micro_batch,
+            grow_after=grow_after,
+            adaptive=adaptive,
+            on_adaptation=on_adaptation,
+        )
         self.model = model
         self.trainer = trainer or MicroBatchTrainer(model, optimizer, loss, x_spec=x_spec, y_spec=y_spec)
         self.recover_in_process = recover_in_process
         self._is_oom = is_oom_error
-
-    @property
-    def micro_batch_size(self) -> int:
-        return self.controller.micro_batch_size
-
-    @property
-    def adaptations(self) -> list:
-        return self.controller.adaptations
-
-    @property
-    def samples_seen(self) -> int:
-        """Samples in the windows whose optimizer step was taken (a redone window counts once)."""
-        return self.controller.samples_seen
 
     def __call__(self, x, y, *, epoch: int | None = None) -> float:
         return self.step(x, y, epoch=epoch)

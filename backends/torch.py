@@ -17,6 +17,7 @@ import torch._dynamo  # noqa: F401 - torch.optim imports it on first use (~1 s);
 from torch import nn
 from torch.utils.data import DataLoader
 
+from autobatch.adaptive import AdaptiveStepper
 from autobatch.backends.base import Backend, TrialMeasurements, TrialProgress
 from autobatch.config import TrialBudget, TrialConfig
 from autobatch.noise import NoiseScaleEstimator
@@ -346,7 +347,7 @@ __all__ = ["TorchBackend", "train_window", "evaluate", "MixedPrecision", "ArrayD
 # -- Adaptive micro-batching (autobatch.adaptive) ---------------------------------------------------
 
 
-class AdaptiveMicroBatcher:
+class AdaptiveMicroBatcher(AdaptiveStepper):
     """Adaptive micro-batching in your own PyTorch loop: one :meth:`step` per window (optimizer step).
 
     ::
@@ -395,20 +396,15 @@ class AdaptiveMicroBatcher:
         on_adaptation=None,
         controller=None,
     ):
-        from autobatch.adaptive import DEFAULT_GROW_AFTER, MicroBatchController
-
-        if controller is None:
-            if micro_batch_size is None:
-                raise ValueError("AdaptiveMicroBatcher needs micro_batch_size (or a MicroBatchController)")
-            controller = MicroBatchController(
-                micro_batch_size,
-                max_micro_batch=max_micro_batch,
-                min_micro_batch=min_micro_batch,
-                grow_after=DEFAULT_GROW_AFTER if grow_after is None else grow_after,
-                adaptive=adaptive,
-                on_adaptation=on_adaptation,
-            )
-        self.controller = controller
+        self._take_controller(
+            controller,
+            micro_batch_size,
+            max_micro_batch=max_micro_batch,
+            min_micro_batch=min_micro_batch,
+            grow_after=grow_after,
+            adaptive=adaptive,
+            on_adaptation=on_adaptation,
+        )
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
@@ -416,19 +412,6 @@ class AdaptiveMicroBatcher:
         self.device = torch.device(device) if device is not None else None
         self.precision = precision or MixedPrecision(self.device or torch.device("cpu"), enabled=False)
         self._is_oom = TorchBackend().is_oom
-
-    @property
-    def micro_batch_size(self) -> int:
-        return self.controller.micro_batch_size
-
-    @property
-    def adaptations(self) -> list:
-        return self.controller.adaptations
-
-    @property
-    def samples_seen(self) -> int:
-        """Samples in the windows whose optimizer step was taken (a redone window counts once)."""
-        return self.controller.samples_seen
 
     def step(self, x, y, *, epoch: int | None = None) -> float:
         """One optimizer step over the window ``(x, y)``; returns the window's mean loss."""
