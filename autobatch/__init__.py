@@ -4,14 +4,14 @@ The public API is re-exported here. Importing ``autobatch`` imports no framework
 PyTorch and TensorFlow are loaded only inside trial workers.
 """
 
-from autobatch.adaptive import (
+from autobatch.core.adaptive import (
     Adaptation,
     MicroBatchController,
     MicroBatchOOMError,
     OptimizerStepOOMError,
     UnrecoverableOOMError,
 )
-from autobatch.config import TrialBudget, TrialConfig, TrialResult
+from autobatch.core.config import TrialBudget, TrialConfig, TrialResult
 from autobatch.errors import (
     AutobatchError,
     BackendNotFoundError,
@@ -19,13 +19,13 @@ from autobatch.errors import (
     StorageError,
     TaskLoadError,
 )
-from autobatch.memory import MemoryBudget
-from autobatch.registry import backend_names, get_backend
-from autobatch.space import SearchSpace
-from autobatch.study import TuneResult, load_study_result, tune
-from autobatch.train import TrainingError, TrainingOOMError, TrainResult, train
-from autobatch.worker import run_trial
-from autobatch.workload import Workload, load_workload
+from autobatch.core.memory import MemoryBudget
+from autobatch.core.registry import backend_names, get_backend
+from autobatch.search.space import SearchSpace
+from autobatch.search.study import TuneResult, load_study_result, tune
+from autobatch.training.train import TrainingError, TrainingOOMError, TrainResult, train
+from autobatch.process.worker import run_trial
+from autobatch.tasks.workload import Workload, load_workload
 
 __version__ = "0.1.0"
 

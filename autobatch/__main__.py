@@ -1,3 +1,3 @@
-from autobatch.cli import main
+from autobatch.cli.main import main
 
 raise SystemExit(main())

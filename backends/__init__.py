@@ -1,8 +1,8 @@
 """Framework backends behind one trial interface.
 
 Importing this package imports no framework: each backend lives in its own module
-(``autobatch.backends.torch``, ``autobatch.backends.tensorflow``) and is loaded by
-name through :func:`autobatch.registry.get_backend`.
+(``autobatch.backends.torch.backend``, ``autobatch.backends.tensorflow.backend``) and is loaded by
+name through :func:`autobatch.core.registry.get_backend`.
 """
 
 from autobatch.backends.base import Backend, TrialMeasurements, TrialProgress

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from autobatch.config import TrialBudget, TrialConfig
-from autobatch.workload import Workload
+from autobatch.core.config import TrialBudget, TrialConfig
+from autobatch.core.progress import TrialProgress
+from autobatch.tasks.workload import Workload
+
+__all__ = ["Backend", "TrialMeasurements", "TrialProgress"]
 
 
 @dataclass
@@ -20,34 +23,6 @@ class TrialMeasurements:
     steps_timed: int
     timings: dict[str, float] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
-
-
-class TrialProgress:
-    """How a running trial tells its worker where it is.
-
-    The backend sets :attr:`phase` as it goes (``setup``, ``train``, ``eval``) so an
-    OOM can be placed, and calls :meth:`mark_baseline` once the model and data are
-    ready so the worker can record the memory in use before training.
-    """
-
-    def __init__(self, on_phase: Callable[[str], None] | None = None, on_baseline: Callable[[], None] | None = None):
-        self._phase = "setup"
-        self._on_phase = on_phase
-        self._on_baseline = on_baseline
-
-    @property
-    def phase(self) -> str:
-        return self._phase
-
-    @phase.setter
-    def phase(self, value: str) -> None:
-        self._phase = value
-        if self._on_phase is not None:
-            self._on_phase(value)
-
-    def mark_baseline(self) -> None:
-        if self._on_baseline is not None:
-            self._on_baseline()
 
 
 class Backend(abc.ABC):

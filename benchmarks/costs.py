@@ -93,7 +93,7 @@ def configs(task: str, count: int):
 
 
 def compare_workers(task: str, backend: str, trials: int) -> dict:
-    from autobatch.worker import TrialWorker
+    from autobatch.process.worker import TrialWorker
 
     pool = {name: TrialWorker(task, backend, memory_budget=BUDGET, device="cpu", fork=fork) for name, fork in MODES.items()}
     timings: dict[str, list[dict]] = {name: [] for name in MODES}
@@ -120,7 +120,7 @@ def _means(rows: list[dict]) -> dict:
 
 
 def compare_studies(task: str, backend: str, trials: int) -> dict:
-    import autobatch.study as study_module
+    import autobatch.search.study as study_module
 
     shipped = study_module.TrialWorker
     found = {}

@@ -105,7 +105,7 @@ def sweep(task: str, sizes: list[int], budget: str, trial_budget, skip_long_wind
     runs its timing windows after, at several times the cost of the others.
     """
     from autobatch import TrialConfig, load_workload
-    from autobatch.worker import TrialWorker
+    from autobatch.process.worker import TrialWorker
 
     workload = load_workload(task)
     workers = {fw: TrialWorker(task, fw, memory_budget=budget, device="cpu") for fw in FRAMEWORKS}
@@ -199,8 +199,8 @@ def _tune(task, framework, budget, trials, trial_budget, search_space=None) -> d
 def _wall_counting_failures_as_oom(task: str, framework: str, budget: str, trial_budget) -> int:
     """tune()'s probe, but with any failed probe taken as "does not fit" rather than as a broken task."""
     from autobatch import MemoryBudget, TrialConfig, load_workload
-    from autobatch.probe import find_memory_wall
-    from autobatch.worker import TrialWorker
+    from autobatch.search.probe import find_memory_wall
+    from autobatch.process.worker import TrialWorker
 
     workload = load_workload(task)
     budget_bytes = MemoryBudget.parse(budget).resolve("cpu")

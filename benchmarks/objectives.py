@@ -141,7 +141,7 @@ def _config(recommended: dict):
 def learning_curves(studies: dict, horizon: float, repeats: int) -> dict:
     """objective -> [(training seconds, median validation loss)] of its recommendation, ``horizon`` long."""
     from autobatch import TrialBudget
-    from autobatch.worker import TrialWorker
+    from autobatch.process.worker import TrialWorker
 
     budget = TrialBudget(train_seconds=horizon, evaluations=CURVE_EVALUATIONS)
     runs: dict[str, list] = {objective: [] for objective in studies}
@@ -166,7 +166,7 @@ def learning_curves(studies: dict, horizon: float, repeats: int) -> dict:
 def fixed_sample_runs(studies: dict) -> dict:
     """objective -> its recommendation trained on the pareto studies' sample budget: (samples/s, val loss)."""
     from autobatch import TrialBudget
-    from autobatch.worker import TrialWorker
+    from autobatch.process.worker import TrialWorker
 
     measured = {}
     with TrialWorker(TASK, BACKEND, memory_budget=MEMORY_BUDGET, device="cpu") as worker:
@@ -225,7 +225,7 @@ def torch_window(workload, batches, measure: bool):
     """One window of the trial loop's ``train_window``, with or without the noise meter."""
     import torch
 
-    from autobatch.backends.torch import GradientNoiseMeter, make_loss, make_optimizer, train_window
+    from autobatch.backends.torch.backend import GradientNoiseMeter, make_loss, make_optimizer, train_window
 
     torch.manual_seed(0)
     model = workload.build_model("torch")
@@ -244,7 +244,7 @@ def tensorflow_window(workload, batches, measure: bool):
     """One window of ``MicroBatchTrainer``, with the estimate traced in or not, read per window as a trial does."""
     import keras
 
-    from autobatch.backends.tensorflow import MicroBatchTrainer, batch_spec, make_optimizer
+    from autobatch.backends.tensorflow.backend import MicroBatchTrainer, batch_spec, make_optimizer
 
     keras.utils.set_random_seed(0)
     trainer = MicroBatchTrainer(
@@ -265,7 +265,7 @@ def tensorflow_window(workload, batches, measure: bool):
 
 
 def plot(results: Path, studies: dict, curves: dict, seconds: float) -> None:
-    from autobatch.noise import statistical_efficiency
+    from autobatch.core.noise import statistical_efficiency
 
     figure, (left, right) = new_figure(columns=2, width=11.0, height=4.4)
     for objective, curve in curves.items():

@@ -55,7 +55,7 @@ from _common import (  # noqa: E402
     threads_note,
     write_markdown,
 )
-from autobatch.windows import SampleStream, SteadyStateTimer, plan_windows  # noqa: E402 - framework-free
+from autobatch.core.windows import SampleStream, SteadyStateTimer, plan_windows  # noqa: E402 - framework-free
 
 TARGET = 0.97
 #: (task, micro-batch, accumulation, samples trained per round) measured for each framework
@@ -108,7 +108,7 @@ def _options(parser) -> None:
 
 def child_main(framework: str, rounds: int) -> list[dict]:
     from autobatch import TrialBudget, TrialConfig, load_workload
-    from autobatch.registry import get_backend
+    from autobatch.core.registry import get_backend
 
     backend = get_backend(framework)
     rows = []
@@ -187,7 +187,7 @@ def torch_loops(workload, micro: int, accumulation: int) -> dict:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from autobatch.backends.torch import make_loss, make_optimizer
+    from autobatch.backends.torch.backend import make_loss, make_optimizer
 
     loss_fn = make_loss(workload.loss)
     x_all = torch.from_numpy(workload.x_train.copy())

@@ -124,7 +124,7 @@ def _options(parser) -> None:
 def autobatch_probe(task: str, budget: str) -> dict:
     """Run ``tune(n_trials=1)`` on a throwaway storage and read back its probe."""
     import autobatch
-    from autobatch.probe import MemoryModel
+    from autobatch.search.probe import MemoryModel
 
     start_up = []  # per probe: worker start + framework import + task load (the first probe pays them)
 
@@ -302,7 +302,7 @@ def child_main(spec_path: Path) -> int:
 
 
 def _is_cpu_oom(error: BaseException) -> bool:
-    from autobatch.backends.torch import TorchBackend
+    from autobatch.backends.torch.backend import TorchBackend
 
     return TorchBackend().is_oom(error)
 
@@ -323,7 +323,7 @@ def _training_data(task: str):
     from torch.utils.data import DataLoader
 
     from autobatch import load_workload
-    from autobatch.backends.torch import ArrayDataset
+    from autobatch.backends.torch.backend import ArrayDataset
 
     workload = load_workload(task)
     dataset = ArrayDataset(workload.x_train, workload.y_train)

@@ -132,7 +132,7 @@ def _config(micro: int, accumulation: int, learning_rate: float):
 
 
 def _sqrt_rule(workload, effective: int, offset: float) -> float:
-    from autobatch.space import scaled_learning_rate
+    from autobatch.search.space import scaled_learning_rate
 
     return scaled_learning_rate(workload.base_learning_rate, workload.base_batch_size, effective, "sqrt", offset)
 
@@ -150,7 +150,7 @@ def cached_grid(args, mode: str, budget, workload) -> dict:
     if key in cache and not args.refresh_grid:
         print(f"grid: {len(cache[key]['trials'])} trials from {cache_path.name} (run {cache[key]['created']})", flush=True)
         return {**cache[key], "cached": True}
-    from autobatch.worker import TrialWorker
+    from autobatch.process.worker import TrialWorker
 
     space = GRID[mode]
     points = list(itertools.product(space["micro_batch"], space["accumulation"], space["lr_offset"]))
@@ -231,7 +231,7 @@ def capped_tool(name: str, budget_bytes: int, workload) -> dict:
 def random_search(memory_budget: str, budget, trials: int, workload) -> dict:
     import optuna
 
-    from autobatch.worker import TrialWorker
+    from autobatch.process.worker import TrialWorker
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     records = []
@@ -295,7 +295,7 @@ def autobatch_tune(memory_budget: str, budget, trials: int) -> dict:
 
 def measure_finals(methods: dict, memory_budget: str, budget, rounds: int) -> None:
     """Every distinct final config, trained again by one worker, the configs taking turns."""
-    from autobatch.worker import TrialWorker
+    from autobatch.process.worker import TrialWorker
 
     configs = []
     for method in methods.values():

@@ -80,7 +80,7 @@ def _options(parser) -> None:
 
 
 def measure(storage: str, args, workers: int, trials: int, env: dict) -> dict:
-    from autobatch.study import load_existing_study
+    from autobatch.search.study import load_existing_study
 
     name = f"bench-{args.task}-{args.backend}-{workers}w-{datetime.now():%Y%m%d%H%M%S}"
     common = [args.task, "--backend", args.backend, "--memory-budget", args.memory_budget, "--samples",

@@ -6,7 +6,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from autobatch.workload import Workload
+from autobatch.tasks.workload import Workload
 
 VALIDATION_SHARE = 0.2
 SPLIT_SEED = 0

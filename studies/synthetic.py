@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from autobatch.workload import Workload
+from autobatch.tasks.workload import Workload
 
 N_CLASSES = 10
 IMAGE_SHAPE = (3, 64, 64)

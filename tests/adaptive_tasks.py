@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from autobatch.workload import Workload
+from autobatch.tasks.workload import Workload
 
 N_TRAIN = 192
 N_VAL = 32

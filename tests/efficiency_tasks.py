@@ -8,8 +8,8 @@ import math
 import numpy as np
 
 from autobatch.backends.base import Backend, TrialMeasurements
-from autobatch.schedule import report_intermediate
-from autobatch.workload import Workload
+from autobatch.core.schedule import report_intermediate
+from autobatch.tasks.workload import Workload
 
 DIMENSIONS = 8
 NOISE_VARIANCE = 4.0

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from autobatch.workload import Workload
+from autobatch.tasks.workload import Workload
 from tests.synthetic_backend import BEST_LR_AT_32, SyntheticBackend
 
 SEARCH_TRIAL_SECONDS = 2.0
@@ -82,7 +82,7 @@ def start_cli(*args: str, cwd: Path) -> subprocess.Popen:
 
 @functools.lru_cache(maxsize=None)
 def _storage(url: str):
-    from autobatch.distributed import open_storage
+    from autobatch.search.distributed import open_storage
 
     return open_storage(url)
 

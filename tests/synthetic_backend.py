@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from autobatch.backends.base import Backend, TrialMeasurements
-from autobatch.workload import Workload
+from autobatch.tasks.workload import Workload
 
 MIB = 2**20
 BASE_BYTES = 40 * MIB

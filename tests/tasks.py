@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from autobatch.workload import Workload
+from autobatch.tasks.workload import Workload
 
 
 def _tiny(models) -> Workload:

@@ -1,7 +1,7 @@
 """Adaptive micro-batching: an OOM splits the window and redoes it, and the math stays the same.
 
 The controller's bookkeeping is tested with stand-in accumulate/apply functions. The
-real thing runs ``autobatch.train`` under real memory budgets (RLIMIT_DATA in the
+real thing runs ``autobatch.training.train`` under real memory budgets (RLIMIT_DATA in the
 training process): the ``lengths`` task (tests/adaptive_tasks.py) runs out of memory
 only in the windows that hold one of its long samples, and a run that adapts must end
 with the weights of a run that used the small micro-batch from the start.
@@ -18,14 +18,14 @@ import weakref
 import numpy as np
 import pytest
 
-from autobatch.adaptive import (
+from autobatch.core.adaptive import (
     Adaptation,
     MicroBatchController,
     MicroBatchOOMError,
     OptimizerStepOOMError,
 )
 from autobatch.errors import InvalidParameterError, StorageError
-from autobatch.train import TrainingError, TrainingOOMError, plan_epochs, train
+from autobatch.training.train import TrainingError, TrainingOOMError, plan_epochs, train
 from tests import adaptive_tasks
 
 MIB = 2**20
@@ -231,7 +231,7 @@ def test_the_window_plan_does_not_depend_on_the_micro_batch():
 
 def test_torch_batcher_redo_equals_the_small_micro_batch_from_the_start():
     torch = pytest.importorskip("torch")
-    from autobatch.backends.torch import AdaptiveMicroBatcher
+    from autobatch.backends.torch.backend import AdaptiveMicroBatcher
 
     class Counting(torch.nn.Module):
         """A linear model that counts its samples, and runs out of memory in the second big micro-batch of window 2."""

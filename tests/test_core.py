@@ -7,15 +7,15 @@ import pytest
 
 from autobatch import InvalidParameterError, MemoryBudget, TrialBudget, TrialConfig, TrialResult
 from autobatch.errors import BackendNotFoundError, TaskLoadError
-from autobatch.registry import backend_names, backend_path
-from autobatch.windows import SampleStream, plan_windows
-from autobatch.workload import load_workload
+from autobatch.core.registry import backend_names, backend_path
+from autobatch.core.windows import SampleStream, plan_windows
+from autobatch.tasks.workload import load_workload
 
 
 def test_importing_autobatch_imports_no_framework():
     code = (
         "import sys, autobatch, autobatch.backends, autobatch.studies, autobatch.cli;"
-        "import autobatch.worker, autobatch.workload;"
+        "import autobatch.process.worker, autobatch.tasks.workload;"
         "print([m for m in ('torch', 'tensorflow', 'keras') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -125,7 +125,7 @@ def test_studies_share_one_stratified_split():
 
 
 def test_timer_leaves_out_a_pause_only_when_timed_windows_follow(monkeypatch):
-    from autobatch import windows
+    from autobatch.core import windows
 
     clock = iter([0.0, 1.0, 2.0, 3.0, 3.0, 13.0, 14.0])
     monkeypatch.setattr(windows.time, "perf_counter", lambda: next(clock))

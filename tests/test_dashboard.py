@@ -111,7 +111,7 @@ def test_dashboard_on_a_bad_storage_says_so_in_one_line(run_cli, tmp_path, case)
 def test_report_writes_four_readable_pngs(real_study, run_cli, tmp_path):
     import matplotlib.image
 
-    from autobatch.plots import REPORT_FILES
+    from autobatch.report.plots import REPORT_FILES
 
     storage, _ = real_study
     out = tmp_path / "report"
@@ -130,7 +130,7 @@ def test_report_writes_four_readable_pngs(real_study, run_cli, tmp_path):
 
 @pytest.mark.slow
 def test_pareto_plot_of_a_real_study_draws_every_infeasible_trial_apart(real_study):
-    from autobatch.plots import StudyPlotData, pareto_figure
+    from autobatch.report.plots import StudyPlotData, pareto_figure
 
     _, result = real_study
     data = StudyPlotData.from_study(result.study)
@@ -141,7 +141,7 @@ def test_pareto_plot_of_a_real_study_draws_every_infeasible_trial_apart(real_stu
 
 
 def test_pareto_plot_draws_infeasible_trials_apart_by_kind():
-    from autobatch.plots import StudyPlotData, pareto_figure
+    from autobatch.report.plots import StudyPlotData, pareto_figure
 
     study, numbers = _hand_made_study()
     figure = pareto_figure(StudyPlotData.from_study(study))
@@ -169,7 +169,7 @@ def test_pareto_plot_draws_infeasible_trials_apart_by_kind():
 
 
 def test_memory_plot_shows_budget_model_and_probes():
-    from autobatch.plots import StudyPlotData, memory_figure
+    from autobatch.report.plots import StudyPlotData, memory_figure
 
     study, _ = _hand_made_study()
     axes = memory_figure(StudyPlotData.from_study(study)).axes[0]
@@ -186,8 +186,8 @@ def test_study_keeps_plots_and_a_note_naming_the_excluded_trials():
     from optuna_dashboard import get_note
     from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
 
-    from autobatch.plots import DASHBOARD_GRAPH_IDS
-    from autobatch.study import summarize, write_note
+    from autobatch.report.plots import DASHBOARD_GRAPH_IDS
+    from autobatch.search.study import summarize, write_note
 
     study, numbers = _hand_made_study()
     write_note(study, summarize(study, ""))

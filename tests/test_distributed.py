@@ -14,7 +14,7 @@ import optuna
 import pytest
 
 from autobatch import InvalidParameterError, StorageError, tune
-from autobatch.distributed import (
+from autobatch.search.distributed import (
     PROBE_LOCK_PREFIX,
     READY_ATTR,
     check_worker_options,
@@ -54,8 +54,8 @@ def test_gpus_go_to_workers_in_turn():
 
 
 def test_local_workers_get_a_gpu_and_a_seed_each(monkeypatch):
-    import autobatch.devices
-    import autobatch.distributed as distributed
+    import autobatch.core.devices
+    import autobatch.search.distributed as distributed
 
     started = []
 
@@ -70,7 +70,7 @@ def test_local_workers_get_a_gpu_and_a_seed_each(monkeypatch):
             return 0
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(autobatch.devices, "cuda_device_count", lambda: 3)
+    monkeypatch.setattr(autobatch.core.devices, "cuda_device_count", lambda: 3)
     monkeypatch.setattr(distributed.subprocess, "Popen", FakeProcess)
     study = optuna.create_study()
     run_local_workers(study, 4, {"seed": 10, "device": "cuda:0"}, spread_gpus=True)
@@ -110,7 +110,7 @@ def _schema_race(url, processes=4):
     """Open a fresh storage from several processes at the same instant."""
     code = (
         "import sys, time\n"
-        "from autobatch.distributed import open_storage\n"
+        "from autobatch.search.distributed import open_storage\n"
         "start = float(sys.argv[2])\n"
         "while time.time() < start: time.sleep(0.001)\n"
         "open_storage(sys.argv[1])\n"

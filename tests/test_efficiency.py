@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from autobatch import InvalidParameterError, SearchSpace, TrialBudget, TrialConfig, load_workload, tune
-from autobatch.noise import NoiseScaleEstimator, adascale_gain, pooled_noise_scale, statistical_efficiency
-from autobatch.space import scaled_learning_rate
+from autobatch.core.noise import NoiseScaleEstimator, adascale_gain, pooled_noise_scale, statistical_efficiency
+from autobatch.search.space import scaled_learning_rate
 from tests import efficiency_tasks as tasks
 
 LINEAR = "tests.efficiency_tasks:linear_regression"
@@ -83,12 +83,12 @@ class _FakeClock:
 
 def _run_fake_schedule(monkeypatch, budget, losses, prune_at=None, window_seconds=0.1):
     """run_schedule with a window that takes ``window_seconds`` of a fake clock; evaluations return ``losses``."""
-    from autobatch import schedule as schedule_module
-    from autobatch.windows import SteadyStateTimer
+    from autobatch.core import schedule as schedule_module
+    from autobatch.core.windows import SteadyStateTimer
 
     clock = _FakeClock()
     monkeypatch.setattr(schedule_module.time, "perf_counter", clock)
-    monkeypatch.setattr("autobatch.windows.time.perf_counter", clock)
+    monkeypatch.setattr("autobatch.core.windows.time.perf_counter", clock)
     reports, trained = [], []
 
     def report(step, loss, seconds):
@@ -142,7 +142,7 @@ def test_a_time_budget_evaluates_at_even_points_reports_all_but_the_last_and_sto
 
 def test_torch_measures_each_micro_batch_gradient_and_the_window_gradient():
     torch = pytest.importorskip("torch")
-    from autobatch.backends.torch import GradientNoiseMeter, make_loss, train_window
+    from autobatch.backends.torch.backend import GradientNoiseMeter, make_loss, train_window
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
@@ -171,7 +171,7 @@ def test_tensorflow_measures_each_micro_batch_gradient_and_the_window_gradient()
     tf = pytest.importorskip("tensorflow")
     import keras
 
-    from autobatch.backends.tensorflow import MicroBatchTrainer, batch_spec, make_loss
+    from autobatch.backends.tensorflow.backend import MicroBatchTrainer, batch_spec, make_loss
 
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(3)])
@@ -198,7 +198,7 @@ def test_tensorflow_measures_each_micro_batch_gradient_and_the_window_gradient()
 @pytest.mark.slow
 def test_noise_scale_of_linear_regression_is_within_20_percent_on_torch_and_pruning_reaches_the_trial():
     pytest.importorskip("torch")
-    from autobatch.worker import TrialWorker
+    from autobatch.process.worker import TrialWorker
 
     with TrialWorker(LINEAR, "torch", memory_budget="1GiB", device="cpu") as worker:
         result = worker.run(TrialConfig(16, 4, tasks.FROZEN_LEARNING_RATE), TrialBudget(train_samples=8192))
@@ -231,7 +231,7 @@ def test_noise_scale_of_linear_regression_is_within_20_percent_on_torch_and_prun
 def test_noise_scale_of_linear_regression_is_within_20_percent_on_tensorflow():
     pytest.importorskip("tensorflow")
     from autobatch.backends.base import TrialProgress
-    from autobatch.backends.tensorflow import TensorFlowBackend
+    from autobatch.backends.tensorflow.backend import TensorFlowBackend
 
     measured = TensorFlowBackend().run_trial(
         load_workload(LINEAR), TrialConfig(16, 4, tasks.FROZEN_LEARNING_RATE), TrialBudget(train_samples=8192),
@@ -248,7 +248,7 @@ def test_noise_scale_of_linear_regression_is_within_20_percent_on_tensorflow():
 @pytest.mark.slow
 def test_time_to_target_prunes_a_third_and_recommends_no_worse_than_pareto_within_the_budget(tmp_path, monkeypatch):
     pytest.importorskip("torch")
-    from autobatch.worker import TrialWorker
+    from autobatch.process.worker import TrialWorker
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one thread per trial: steadier wall-clock on a shared machine
     task = "tests.efficiency_tasks:blobs"

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from autobatch import MemoryBudget, TrialBudget, TrialConfig, run_trial
-from autobatch.devices import cuda_device_count
+from autobatch.core.devices import cuda_device_count
 from tests.conftest import has_cuda
 
 pytestmark = [

@@ -9,8 +9,8 @@ import pytest
 
 from autobatch import InvalidParameterError, SearchSpace, TrialConfig, TrialResult, tune
 from autobatch.errors import AutobatchError, StorageError
-from autobatch.probe import ProbeError, find_memory_wall
-from autobatch.study import load_study_result
+from autobatch.search.probe import ProbeError, find_memory_wall
+from autobatch.search.study import load_study_result
 from tests import synthetic_backend as synthetic
 
 SYNTHETIC = dict(task="tests.synthetic_backend:workload", backend="tests.synthetic_backend:SyntheticBackend")

@@ -6,10 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 
-import autobatch.devices
+import autobatch.core.devices
 from autobatch import TrialBudget, TrialConfig, TrialResult, run_trial
-from autobatch.memory import MemoryBudget, describe_budget, device_memory_bytes
-from autobatch.telemetry import TelemetrySampler, advice, telemetry_attrs
+from autobatch.core.memory import MemoryBudget, describe_budget, device_memory_bytes
+from autobatch.process.telemetry import TelemetrySampler, advice, telemetry_attrs
 
 SYNTHETIC = dict(task="tests.synthetic_backend:workload", backend="tests.synthetic_backend:SyntheticBackend")
 MIB = 2**20
@@ -112,7 +112,7 @@ def test_nvml_reads_the_gpu_that_cuda_visible_devices_names(fake_nvml, monkeypat
 
 
 def test_devices_lists_what_nvml_sees_and_budgets_are_shares_of_it(fake_nvml, monkeypatch):
-    from autobatch.cli_devices import device_report, devices_text
+    from autobatch.cli.devices import device_report, devices_text
 
     pynvml = fake_nvml.pynvml
     monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: 1)
@@ -167,7 +167,7 @@ def test_advice_reads_the_utilization():
 
 
 def test_the_cli_summary_and_the_note_carry_the_advice():
-    from autobatch.report import study_note, summary_text
+    from autobatch.search.note import study_note, summary_text
 
     settings = {"task": "t", "backend": "torch", "device": "cuda:0", "trial_budget": {"num_workers": 2}}
     recommended = {
@@ -187,7 +187,7 @@ def test_the_cli_summary_and_the_note_carry_the_advice():
 
 
 def test_a_search_trial_stores_its_telemetry_as_user_attrs():
-    from autobatch.study import _trial_outcome
+    from autobatch.search.study import _trial_outcome
 
     result = TrialResult(
         "ok", TrialConfig(8), samples_per_second=10.0, val_loss=0.5, peak_memory_bytes=MIB,
@@ -250,8 +250,8 @@ def test_a_share_budget_is_a_share_of_available_ram_on_the_cpu():
 def test_a_share_of_a_gpu_without_a_driver_is_a_clear_error(monkeypatch):
     from autobatch.errors import AutobatchError
 
-    monkeypatch.setattr(autobatch.devices, "_torch_total_memory_bytes", lambda device: (None, "CPU-only build"))
-    if autobatch.devices.cuda_device_count():
+    monkeypatch.setattr(autobatch.core.devices, "_torch_total_memory_bytes", lambda device: (None, "CPU-only build"))
+    if autobatch.core.devices.cuda_device_count():
         pytest.skip("this machine has an NVIDIA driver")
     with pytest.raises(AutobatchError, match="total memory of cuda:0 is unknown .*CPU-only build.*absolute"):
         MemoryBudget.parse("90%").resolve("cuda:0")
@@ -302,7 +302,7 @@ def test_importing_the_device_modules_imports_no_framework():
     import sys
 
     code = (
-        "import sys, autobatch.telemetry, autobatch.cli_devices, autobatch.devices;"
+        "import sys, autobatch.process.telemetry, autobatch.cli.devices, autobatch.core.devices;"
         "print([m for m in ('torch', 'tensorflow', 'keras') if m in sys.modules])"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=dict(os.environ))

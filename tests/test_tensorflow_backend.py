@@ -13,7 +13,7 @@ import keras  # noqa: E402
 
 from autobatch import TrialBudget, TrialConfig, load_workload, run_trial  # noqa: E402
 from autobatch.backends.base import TrialProgress  # noqa: E402
-from autobatch.backends.tensorflow import (  # noqa: E402
+from autobatch.backends.tensorflow.backend import (  # noqa: E402
     MicroBatchTrainer,
     TensorFlowBackend,
     batch_spec,
@@ -208,7 +208,7 @@ def test_oom_classification():
 def test_importing_the_backend_prints_nothing():
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     done = subprocess.run(
-        [sys.executable, "-c", "import autobatch.backends.tensorflow"],
+        [sys.executable, "-c", "import autobatch.backends.tensorflow.backend"],
         capture_output=True,
         text=True,
         env=env,

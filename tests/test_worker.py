@@ -110,7 +110,7 @@ def test_micro_batching_saves_memory_for_real():
     # The contrast is wide on purpose: what a trial holds besides activations (weights,
     # optimizer state, per-thread scratch that grows with the core count) is the same for
     # both, and on a many-core machine it is a large share of the smaller peak.
-    from autobatch.worker import TrialWorker
+    from autobatch.process.worker import TrialWorker
 
     with TrialWorker("synthetic-images", "torch", memory_budget="6GiB") as worker:
         small = worker.run(TrialConfig(32, 16, 1e-3), TrialBudget(train_samples=512))
@@ -123,7 +123,7 @@ def test_micro_batching_saves_memory_for_real():
 
 
 def test_a_reused_worker_gives_each_trial_its_own_clean_start():
-    from autobatch.worker import TrialWorker
+    from autobatch.process.worker import TrialWorker
 
     with TrialWorker("synthetic-images", "torch", memory_budget="1GiB") as worker:
         first = worker.run(TrialConfig(16), TrialBudget(train_samples=256))

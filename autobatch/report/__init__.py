@@ -1,0 +1,1 @@
+"""What a person looks at: matplotlib and plotly figures, the PNG report, the dashboard."""
