@@ -31,3 +31,14 @@ class BackendNotFoundError(AutobatchError):
 
 class StorageError(AutobatchError):
     """The study storage could not be opened or does not hold what was asked for."""
+
+
+def first_line(error: BaseException, prefer: tuple[str, ...] = ()) -> str:
+    """An error in one line: its type and its first line, or the first that names one of ``prefer``.
+
+    Frameworks bury the cause: TensorFlow puts "Graph execution error:" and a traceback of the
+    Python call site before the line that says what ran out, hence ``prefer``.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    useful = next((line for line in lines if any(word in line for word in prefer)), lines[0] if lines else "")
+    return f"{type(error).__name__}: {useful}"[:300]

@@ -26,6 +26,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
+from autobatch import errors
 from autobatch.errors import AutobatchError, InvalidParameterError
 
 #: clean windows at one size before the controller tries twice that size
@@ -340,11 +341,8 @@ def describe_oom(
 
 
 def first_line(error: BaseException) -> str:
-    """The framework's error in one line: its type and the first line that says something."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    # TensorFlow puts "Graph execution error:" and a traceback of the Python call site first.
-    useful = next((line for line in lines if "OOM" in line or "alloc" in line or "memory" in line), lines[0] if lines else "")
-    return f"{type(error).__name__}: {useful}"[:300]
+    """An out-of-memory error in one line: the line that says what ran out, where there is one."""
+    return errors.first_line(error, prefer=("OOM", "alloc", "memory"))
 
 
 def _require_positive_int(name: str, value: object) -> None:

@@ -43,7 +43,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from autobatch.errors import AutobatchError, InvalidParameterError, StorageError
+from autobatch.errors import AutobatchError, InvalidParameterError, StorageError, first_line
 
 #: seconds between a running trial's heartbeats (``None`` turns heartbeats off)
 DEFAULT_HEARTBEAT_INTERVAL = 10
@@ -760,11 +760,6 @@ def _last_line(path: Path) -> str:
     except OSError:
         return ""
     return lines[-1][:500] if lines else ""
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _worker_main(spec_path: str) -> int:

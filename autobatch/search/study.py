@@ -32,7 +32,7 @@ from autobatch.search.distributed import (
     remove_if_empty,
     run_local_workers,
 )
-from autobatch.errors import AutobatchError, InvalidParameterError, StorageError
+from autobatch.errors import AutobatchError, InvalidParameterError, StorageError, first_line
 from autobatch.core.memory import MemoryBudget, describe_budget, format_bytes
 from autobatch.core.noise import pooled_noise_scale, statistical_efficiency
 from autobatch.search.objectives import (
@@ -560,7 +560,7 @@ def _create_study(storage, study_name: str, sampler: str, seed: int, objective: 
             load_if_exists=True,  # another worker may have created it a moment ago
         )
     except Exception as error:
-        raise StorageError(f"storage={redact(url)!r}: cannot create study {study_name!r}: {_first_line(error)}") from None
+        raise StorageError(f"storage={redact(url)!r}: cannot create study {study_name!r}: {first_line(error)}") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(list(objective.metric_names) if objective else METRIC_NAMES)
@@ -994,8 +994,3 @@ def write_note(study, result: TuneResult, *, during_search: bool = False) -> Non
 
     save_note(study, study_note(study, result))
     save_dashboard_plots_quietly(study, result, throttle=during_search)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
