@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autobatch.core.config import TrialBudget, TrialConfig
 from autobatch.core.progress import TrialProgress
 from autobatch.tasks.workload import Workload
 
-__all__ = ["Backend", "TrialMeasurements", "TrialProgress"]
+if TYPE_CHECKING:
+    import numpy as np
+
+    from autobatch.core.adaptive import MicroBatchController
+
+__all__ = ["Backend", "TrainingSession", "TrialMeasurements", "TrialProgress"]
 
 
 @dataclass
@@ -75,3 +80,66 @@ class Backend(abc.ABC):
     def reset_peak_memory(self, device: str) -> None:
         """Start a new peak measurement (between trials in a reused worker)."""
 
+    def training_session(
+        self,
+        workload: Workload,
+        config: TrialConfig,
+        *,
+        device: str,
+        seed: int,
+        mixed_precision: bool,
+        controller: MicroBatchController,
+    ) -> TrainingSession:
+        """A model of ``workload`` trained window by window with ``config``, for ``autobatch train``.
+
+        A backend that cannot train outside a trial leaves this as it is.
+        """
+        raise NotImplementedError(f"backend {self.name or type(self).__name__!r} cannot train outside a trial")
+
+
+class TrainingSession(abc.ABC):
+    """What ``autobatch train`` needs from a framework: one model trained window by window.
+
+    The loop over epochs, progress, checkpoint timing and OOM recovery live in
+    :mod:`autobatch.training`, framework-free; a session only trains, evaluates and saves.
+    """
+
+    #: an OOM may leave the process unable to train on (oneDNN on the CPU): checkpoint so a new
+    #: process can take over
+    crash_prone_oom: bool = False
+
+    @abc.abstractmethod
+    def run_window(self, indices: np.ndarray, epoch: int | None = None) -> float:
+        """Train one optimizer step on the training samples at ``indices``; the window's mean loss."""
+
+    @abc.abstractmethod
+    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int) -> float:
+        """The mean loss over ``x, y`` in batches of ``batch_size``, leaving the model ready to train."""
+
+    @abc.abstractmethod
+    def release(self) -> None:
+        """Free what a failed step or evaluation held."""
+
+    @abc.abstractmethod
+    def save(self, path: str) -> None:
+        """Write the trained model in the framework's own format for ``path``."""
+
+    @abc.abstractmethod
+    def save_checkpoint(self, path: str) -> None:
+        """Write what a new process needs to continue exactly: weights and optimizer state."""
+
+    @abc.abstractmethod
+    def load_checkpoint(self, path: str) -> None:
+        """Continue from a checkpoint written by :meth:`save_checkpoint`."""
+
+    @abc.abstractmethod
+    def is_oom(self, error: BaseException) -> bool:
+        """Whether ``error`` is this framework's out-of-memory error."""
+
+    def peak_memory_bytes(self) -> int | None:
+        """The device allocator's peak; ``None`` on the CPU (the supervisor measures the process)."""
+        return None
+
+    def current_memory_bytes(self) -> int | None:
+        """The device allocator's bytes in use now; ``None`` on the CPU."""
+        return None
