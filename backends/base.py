@@ -42,6 +42,9 @@ class Backend(abc.ABC):
     #: the framework's short name, as used in ``Workload.models``
     name: str = ""
 
+    #: what :meth:`training_session` makes; ``None``: this backend cannot train outside a trial
+    session_class: type[TrainingSession] | None = None
+
     def default_device(self) -> str:
         """The device trials run on when none is named."""
         return "cpu"
@@ -79,6 +82,7 @@ class Backend(abc.ABC):
 
     def reset_peak_memory(self, device: str) -> None:
         """Start a new peak measurement (between trials in a reused worker)."""
+        return None  # the CPU's peak is the worker's to measure
 
     def training_session(
         self,
@@ -92,9 +96,14 @@ class Backend(abc.ABC):
     ) -> TrainingSession:
         """A model of ``workload`` trained window by window with ``config``, for ``autobatch train``.
 
-        A backend that cannot train outside a trial leaves this as it is.
+        A backend names its :class:`TrainingSession` in :attr:`session_class`; one that cannot
+        train outside a trial leaves it ``None``.
         """
-        raise NotImplementedError(f"backend {self.name or type(self).__name__!r} cannot train outside a trial")
+        if self.session_class is None:
+            raise NotImplementedError(f"backend {self.name or type(self).__name__!r} cannot train outside a trial")
+        return self.session_class(
+            workload, config, device=device, seed=seed, mixed_precision=mixed_precision, controller=controller
+        )
 
 
 class TrainingSession(abc.ABC):
@@ -107,6 +116,21 @@ class TrainingSession(abc.ABC):
     #: an OOM may leave the process unable to train on (oneDNN on the CPU): checkpoint so a new
     #: process can take over
     crash_prone_oom: bool = False
+
+    @abc.abstractmethod
+    def __init__(
+        self,
+        workload: Workload,
+        config: TrialConfig,
+        *,
+        device: str,
+        seed: int,
+        mixed_precision: bool,
+        controller: MicroBatchController,
+    ) -> None:
+        """Build ``workload``'s model, optimizer and loss on ``device``, seeded with ``seed``, to train at
+        ``config``'s learning rate with the micro-batch ``controller`` keeps (made by
+        :meth:`Backend.training_session`)."""
 
     @abc.abstractmethod
     def run_window(self, indices: np.ndarray, epoch: int | None = None) -> float:

@@ -13,12 +13,8 @@ import keras  # noqa: E402
 
 from autobatch import TrialBudget, TrialConfig, load_workload, run_trial  # noqa: E402
 from autobatch.backends.base import TrialProgress  # noqa: E402
-from autobatch.backends.tensorflow.backend import (  # noqa: E402
-    MicroBatchTrainer,
-    TensorFlowBackend,
-    batch_spec,
-    make_loss,
-)
+from autobatch.backends.tensorflow import MicroBatchTrainer, TensorFlowBackend, batch_spec  # noqa: E402
+from autobatch.backends.tensorflow.training import make_loss  # noqa: E402
 
 GIB = 2**30
 

@@ -5,7 +5,8 @@ torch = pytest.importorskip("torch")
 
 from autobatch import TrialBudget, TrialConfig, load_workload  # noqa: E402
 from autobatch.backends.base import TrialProgress  # noqa: E402
-from autobatch.backends.torch.backend import TorchBackend, evaluate, make_loss, train_window  # noqa: E402
+from autobatch.backends.torch import TorchBackend, evaluate, train_window  # noqa: E402
+from autobatch.backends.torch.training import make_loss  # noqa: E402
 
 
 def _model_and_batch(seed=0, n=10):

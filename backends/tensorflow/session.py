@@ -1,0 +1,120 @@
+"""What ``autobatch train`` needs from TensorFlow: a Keras model of the workload trained window by window.
+
+The loop over epochs, the progress and the checkpoints' timing live in :mod:`autobatch.training`,
+framework-free; it reaches this session through ``TensorFlowBackend.training_session``.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import numpy as np
+
+from autobatch.backends.base import TrainingSession
+from autobatch.backends.tensorflow import memory
+from autobatch.backends.tensorflow._framework import keras, tf
+from autobatch.backends.tensorflow.adaptive import AdaptiveMicroBatchTrainer
+from autobatch.backends.tensorflow.data import batch_spec
+from autobatch.backends.tensorflow.precision import MixedPrecision
+from autobatch.backends.tensorflow.training import make_loss, make_optimizer
+from autobatch.core.adaptive import MicroBatchController
+from autobatch.core.config import TrialConfig
+from autobatch.tasks.workload import Workload
+
+__all__ = ["TensorFlowTrainingSession"]
+
+
+class TensorFlowTrainingSession(TrainingSession):
+    """A Keras model of ``workload`` trained window by window, at the micro-batch ``controller`` keeps."""
+
+    def __init__(
+        self,
+        workload: Workload,
+        config: TrialConfig,
+        *,
+        device: str,
+        seed: int,
+        mixed_precision: bool,
+        controller: MicroBatchController,
+    ):
+        if memory.is_gpu(device):
+            gpu = memory.physical_gpu(device)
+            memory.allow_memory_growth(gpu)  # no-op when the budget set a logical device with a memory limit
+        #: on the CPU TensorFlow's OOMs crash or poison the process: each is redone in a new one
+        self.crash_prone_oom = not memory.is_gpu(device)
+        self.device_name = memory.tf_device_name(device)
+        keras.utils.set_random_seed(seed)
+        precision = MixedPrecision(device, enabled=mixed_precision)
+        with tf.device(self.device_name):
+            with precision.policy_scope():
+                self.model = workload.build_model("tensorflow")
+            self.optimizer = precision.wrap(make_optimizer(workload.optimizer, config.learning_rate))
+            self.step = AdaptiveMicroBatchTrainer(
+                self.model,
+                self.optimizer,
+                make_loss(workload.loss),
+                x_spec=batch_spec(workload.x_train),
+                y_spec=batch_spec(workload.y_train),
+                controller=controller,
+                recover_in_process=not self.crash_prone_oom,
+            )
+        self.x = np.ascontiguousarray(workload.x_train)
+        self.y = np.ascontiguousarray(workload.y_train)
+        self._device = device
+
+    def run_window(self, indices: np.ndarray, epoch: int | None = None) -> float:
+        with tf.device(self.device_name):
+            return self.step(self.x[indices], self.y[indices], epoch=epoch)
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int) -> float:
+        with tf.device(self.device_name):
+            try:
+                return self.step.trainer.evaluate(x, y, batch_size)
+            except Exception as error:
+                if not memory.is_oom_error(error) or isinstance(error, tf.errors.ResourceExhaustedError):
+                    raise
+                raise memory.unrecoverable(error) from error
+
+    def release(self) -> None:
+        gc.collect()
+
+    def save(self, path: str) -> None:
+        """``.keras``: the whole model; ``.weights.h5``: its weights; ``.npz``: every variable by path."""
+        path = str(path)
+        if path.endswith(".npz"):
+            arrays: dict[str, Any] = {variable.path: np.asarray(variable.numpy()) for variable in self.model.variables}
+            with open(path, "wb") as handle:
+                np.savez(handle, **arrays)
+        elif path.endswith(".weights.h5"):
+            self.model.save_weights(path)
+        else:
+            self.model.save(path)
+
+    def save_checkpoint(self, path: str) -> None:
+        values = [variable.numpy() for variable in self._state_variables()]
+        with open(path, "wb") as handle:
+            np.savez(handle, *values)
+
+    def load_checkpoint(self, path: str) -> None:
+        with np.load(path) as archive:
+            values = [archive[f"arr_{i}"] for i in range(len(archive.files))]
+        variables = self._state_variables()
+        if len(values) != len(variables):
+            raise RuntimeError(
+                f"checkpoint {path} holds {len(values)} variables, the model and optimizer {len(variables)}"
+            )
+        for variable, value in zip(variables, values, strict=True):
+            variable.assign(value)
+
+    def is_oom(self, error: BaseException) -> bool:
+        return memory.is_oom_error(error)
+
+    def peak_memory_bytes(self) -> int | None:
+        return memory.memory_info(self._device, "peak")
+
+    def current_memory_bytes(self) -> int | None:
+        return memory.memory_info(self._device, "current")
+
+    def _state_variables(self) -> list:
+        return [*self.model.variables, *self.optimizer.variables]

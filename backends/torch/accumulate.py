@@ -1,0 +1,154 @@
+"""PyTorch gradient accumulation done right: one window of micro-batches, one optimizer step.
+
+Each micro-batch's mean loss is weighted by its share of the window's samples, so the
+summed gradients are the gradient of the window's mean loss even when the last
+micro-batch is short. The optimizer, the scheduler and AMP's scaler step once per
+window, and gradients are zeroed once per window. :class:`GradientNoiseMeter` records,
+on the way, the gradient norms the noise-scale estimate needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from autobatch.backends._trial import mean_loss_in_batches
+from autobatch.backends.torch.precision import MixedPrecision
+
+__all__ = ["GradientNoiseMeter", "evaluate", "train_window"]
+
+
+def train_window(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn,
+    micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    precision: MixedPrecision | None = None,
+    scheduler=None,
+    noise_meter: GradientNoiseMeter | None = None,
+) -> float:
+    """One optimizer step over a window of micro-batches; returns the window's mean loss.
+
+    Each micro-batch's mean loss is scaled by its share of the window's samples
+    before ``backward``, so the accumulated gradient equals the full-window gradient.
+    A ``noise_meter`` records the micro-batch and window gradient norms on the way.
+    """
+    precision = precision or MixedPrecision(torch.device("cpu"), enabled=False)
+    total = sum(len(y) for _, y in micro_batches)
+    window_loss = 0.0
+    if noise_meter is not None:
+        noise_meter.start_window()
+    for x, y in micro_batches:
+        share = len(y) / total
+        with precision.autocast():
+            loss = loss_fn(model(x), y) * share
+        precision.backward(loss)
+        window_loss += float(loss.detach())
+        if noise_meter is not None:
+            noise_meter.micro_batch_done(share)
+    if noise_meter is not None:
+        noise_meter.window_done(precision.loss_scale())
+    precision.step(optimizer)
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return window_loss
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loss_fn,
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    precision: MixedPrecision | None = None,
+    limit: int | None = None,
+) -> float:
+    """Mean loss over the validation samples (each sample weighs the same)."""
+    precision = precision or MixedPrecision(device, enabled=False)
+    model.eval()
+
+    def loss_sum(start: int, stop: int) -> float:
+        xb = torch.from_numpy(x[start:stop]).to(device)
+        yb = torch.from_numpy(y[start:stop]).to(device)
+        with precision.autocast():
+            return float(loss_fn(model(xb), yb).double()) * (stop - start)
+
+    mean = mean_loss_in_batches(len(y), batch_size, limit, loss_sum)
+    model.train()
+    return mean
+
+
+class GradientNoiseMeter:
+    """The squared norms the noise-scale estimate needs (:mod:`autobatch.core.noise`), per window.
+
+    A hook on every parameter receives the gradient one backward pass adds before it is
+    summed into ``.grad``, which is the micro-batch's own gradient: its norm costs one
+    reduction per parameter, and no copy of the accumulated gradient. The window's norm
+    is read from ``.grad`` before the optimizer step. Everything stays on the device
+    until :meth:`window_norms`, so measuring adds no synchronisation. A window whose
+    micro-batches differ in size (a short last one) is left out: the estimate needs
+    exactly two batch sizes.
+    """
+
+    def __init__(self, parameters: Iterable[torch.nn.Parameter]):
+        self._parameters = [p for p in parameters if p.requires_grad]
+        self._handles = [p.register_hook(self._record) for p in self._parameters]
+        self._active = False
+        self._norms: list[torch.Tensor] = []  # this window's parameter-gradient norms, all its micro-batches
+        self._shares: list[float] = []
+        self._windows: list[torch.Tensor] = []  # per window: (Σ micro-batch |grad|², |window grad|²), as summed
+        self._factors: list[tuple[float, float]] = []  # per window: what turns those into mean-loss gradients
+
+    def start_window(self) -> None:
+        self._active = True
+        self._norms, self._shares = [], []
+
+    def micro_batch_done(self, share: float) -> None:
+        """After a micro-batch's backward: its loss was its mean loss × ``share`` (× the loss scale)."""
+        self._shares.append(share)
+
+    def window_done(self, loss_scale: float) -> None:
+        """Before the optimizer step, while ``.grad`` holds the window's gradient (× ``loss_scale``)."""
+        self._active = False
+        grads = [p.grad for p in self._parameters if p.grad is not None]
+        if not grads or not self._norms or len(set(self._shares)) != 1:
+            return
+        micro = torch.linalg.vector_norm(torch.stack(self._norms))
+        window = torch.linalg.vector_norm(torch.stack([_norm(g) for g in grads]))
+        self._windows.append(torch.stack([micro, window]))
+        # Each micro-batch gradient carried share × scale, the window's gradient the scale alone.
+        share = self._shares[0]
+        self._factors.append((1.0 / (len(self._shares) * (share * loss_scale) ** 2), 1.0 / loss_scale**2))
+
+    def window_norms(self) -> list[tuple[float, float]]:
+        """(mean squared norm of the micro-batch gradients, squared norm of the window's) per measured window."""
+        if not self._windows:
+            return []
+        norms = torch.stack(self._windows).double().cpu().tolist()
+        return [(micro**2 * a, window**2 * b) for (micro, window), (a, b) in zip(norms, self._factors, strict=True)]
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _record(self, grad: torch.Tensor) -> None:
+        if self._active:  # runs once per parameter and micro-batch: kept to one reduction
+            self._norms.append(_norm(grad))
+
+
+def _norm(tensor: torch.Tensor) -> torch.Tensor:
+    """The 2-norm, reduced in at least float32 (a float16 norm overflows past 65504)."""
+    if tensor.dtype in _HALF_TYPES:
+        return torch.linalg.vector_norm(tensor, dtype=torch.float32)
+    return torch.linalg.vector_norm(tensor)
+
+
+_HALF_TYPES = (torch.float16, torch.bfloat16)
