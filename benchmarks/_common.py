@@ -1,6 +1,9 @@
-"""Helpers the benchmark scripts share: arguments, thread pinning, the machine, tables, plots.
+"""Helpers the benchmark scripts share: arguments, where results go, a run's set-up, tables, plots.
 
 Nothing here imports a framework: each script decides which process trains what.
+
+A full run writes the published tables and plots into ``benchmarks/results/``; a ``--quick``
+run writes into ``benchmarks/results/quick/`` (git-ignored) and never touches them.
 """
 
 from __future__ import annotations
@@ -10,16 +13,19 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Iterable, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 RESULTS = BENCHMARKS / "results"
+#: where ``--quick`` runs write: a smoke run must not overwrite the published full-run results
+QUICK_RESULTS = RESULTS / "quick"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run from a checkout without installing it, too
 
@@ -28,22 +34,75 @@ PLOT_DPI = 90
 
 
 def parse_args(description: str, configure=None, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """``--quick``, ``--threads`` and ``--results``, plus what ``configure(parser)`` adds."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true", help="a smaller run that finishes in under 5 minutes on 2 CPU cores")
+    """``--quick``, ``--threads`` and ``--results``, plus what ``configure(parser)`` adds.
+
+    ``description`` is the script's docstring; its first line is the ``--help`` text.
+    """
+    parser = argparse.ArgumentParser(description=description.strip().splitlines()[0])
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smaller run that finishes in under 5 minutes on 2 CPU cores; "
+        f"writes into {_shown(QUICK_RESULTS)}, never over the full run's results",
+    )
     parser.add_argument(
         "--threads",
         type=int,
         default=1,
         help="CPU threads per training process, the same for both frameworks (intra-op; TensorFlow's inter-op is 1)",
     )
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where tables and plots are written")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help=f"where tables and plots are written (default {_shown(RESULTS)}; {_shown(QUICK_RESULTS)} with --quick)",
+    )
     if configure is not None:
         configure(parser)
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.results is None:
+        args.results = QUICK_RESULTS if args.quick else RESULTS
+    elif args.quick and args.results.resolve() == RESULTS.resolve():
+        parser.error(f"--quick does not write into {_shown(RESULTS)}: the published full-run results are there")
     return args
+
+
+def cache_folder(args: argparse.Namespace) -> Path:
+    """Where a script keeps what it may reuse between runs: the full run's cache is published with its results."""
+    return QUICK_RESULTS if args.quick else RESULTS
+
+
+class Run:
+    """One run of a benchmark: its options, the clock, the threads its processes get, and the machine it ran on.
+
+    Made once the options are read (a script's own child processes, started with ``--child``,
+    return before: they neither pin again nor spend a second sampling the machine).
+    """
+
+    def __init__(self, args: argparse.Namespace, *packages: str) -> None:
+        self.args = args
+        self.clock = Stopwatch()
+        #: the pinned environment, for the processes a script starts with an ``env`` of its own
+        self.env = pin_threads(args.threads)
+        #: the lines under a table's title: the machine and its load, the libraries, the threads
+        self.header = machine_line(*packages) + "\n" + threads_note(args.threads)
+
+    def footer(self) -> str:
+        """The table's last line: the command that made it, how long it took, how busy the machine was."""
+        return footer(command_line(), self.clock)
+
+    def child_json(self, script: str, label: str, *arguments: str) -> dict:
+        """Run ``script`` again in a child with ``arguments`` and this run's threads; its last line out is JSON.
+
+        For measurements that want a fresh process of their own (one framework each, say).
+        """
+        command = [sys.executable, str(Path(script).resolve()), *arguments, "--threads", str(self.args.threads)]
+        completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **self.env})
+        if completed.returncode != 0:
+            raise SystemExit(f"the {label} run failed:\n{completed.stderr[-3000:]}")
+        return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 def pin_threads(threads: int) -> dict[str, str]:

@@ -30,16 +30,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    Stopwatch,
-    command_line,
-    footer,
-    machine_line,
+    Run,
     markdown_table,
     new_figure,
     parse_args,
-    pin_threads,
     save_plot,
-    threads_note,
     write_markdown,
 )
 
@@ -55,10 +50,8 @@ def trial_budget():
 
 
 def main(argv=None) -> int:
-    args = parse_args(__doc__.splitlines()[0], _options, argv)
-    clock = Stopwatch()
-    pin_threads(args.threads)
-    header = machine_line()
+    args = parse_args(__doc__, _options, argv)
+    run = Run(args)
     trials = args.trials or (6 if args.quick else 12)
     backends = ["torch", "tensorflow"]
     study_backends = ["torch"] if args.quick else ["torch", "tensorflow"]
@@ -72,7 +65,7 @@ def main(argv=None) -> int:
         print(f"studies, {backend}: tune(n_trials={trials}) per mode ...", flush=True)
         studies[backend] = compare_studies(args.task, backend, trials)
 
-    text = render(args, header, workers, studies, trials, clock)
+    text = render(run, workers, studies, trials)
     plot(args, workers)
     write_markdown(args.results, "costs", text)
     return 0
@@ -95,7 +88,9 @@ def configs(task: str, count: int):
 def compare_workers(task: str, backend: str, trials: int) -> dict:
     from autobatch.process.worker import TrialWorker
 
-    pool = {name: TrialWorker(task, backend, memory_budget=BUDGET, device="cpu", fork=fork) for name, fork in MODES.items()}
+    pool = {
+        name: TrialWorker(task, backend, memory_budget=BUDGET, device="cpu", fork=fork) for name, fork in MODES.items()
+    }
     timings: dict[str, list[dict]] = {name: [] for name in MODES}
     names = list(MODES)
     try:
@@ -120,7 +115,7 @@ def _means(rows: list[dict]) -> dict:
 
 
 def compare_studies(task: str, backend: str, trials: int) -> dict:
-    import autobatch.search.study as study_module
+    import autobatch.search.tune as study_module
 
     shipped = study_module.TrialWorker
     found = {}
@@ -140,7 +135,9 @@ def compare_studies(task: str, backend: str, trials: int) -> dict:
                     device="cpu",
                 )
                 wall = time.perf_counter() - started
-                walls = [t.user_attrs.get("timings", {}).get("wall", 0.0) for t in result.study.get_trials(deepcopy=False)]
+                walls = [
+                    t.user_attrs.get("timings", {}).get("wall", 0.0) for t in result.study.get_trials(deepcopy=False)
+                ]
             probe_seconds = float(result.probe.get("seconds", 0.0))
             search = wall - probe_seconds - result.costs.get("storage_open_seconds", 0.0)
             found[name] = {
@@ -157,23 +154,47 @@ def compare_studies(task: str, backend: str, trials: int) -> dict:
     return found
 
 
-def render(args, header, workers, studies, trials, clock) -> str:
+def render(run: Run, workers, studies, trials) -> str:
+    args = run.args
     worker_rows = []
     for backend, modes in workers.items():
         for name, means in modes.items():
             worker_rows.append(
                 [backend, name]
-                + [f"{means[key]:.2f}" for key in ("worker_start", "framework_import", "task_load", "trial", "overhead", "wall")]
+                + [
+                    f"{means[key]:.2f}"
+                    for key in ("worker_start", "framework_import", "task_load", "trial", "overhead", "wall")
+                ]
                 + [f"{means['first_wall']:.2f}", f"{means['later_wall']:.2f}"]
             )
         before, after = modes.values()
         worker_rows.append(
-            [backend, "**after / before**", "", "", "", f"{after['trial'] / before['trial']:.2f}×",
-             f"{after['overhead'] / before['overhead']:.2f}×", f"**{after['wall'] / before['wall']:.2f}×**", "", ""]
+            [
+                backend,
+                "**after / before**",
+                "",
+                "",
+                "",
+                f"{after['trial'] / before['trial']:.2f}×",
+                f"{after['overhead'] / before['overhead']:.2f}×",
+                f"**{after['wall'] / before['wall']:.2f}×**",
+                "",
+                "",
+            ]
         )
     worker_table = markdown_table(
-        ["backend", "worker", "worker start", "framework import", "task load", "trial", "overhead (wall − trial)",
-         "wall", "first trial wall", "later trials wall"],
+        [
+            "backend",
+            "worker",
+            "worker start",
+            "framework import",
+            "task load",
+            "trial",
+            "overhead (wall − trial)",
+            "wall",
+            "first trial wall",
+            "later trials wall",
+        ],
         worker_rows,
         align="llrrrrrrrr",
     )
@@ -199,14 +220,36 @@ def render(args, header, workers, studies, trials, clock) -> str:
             )
         before, after = modes.values()
         study_rows.append(
-            [backend, "**after / before**", f"**{after['wall'] / before['wall']:.2f}×**",
-             f"{after['probe_seconds'] / before['probe_seconds']:.2f}×", "", "", "", "",
-             "", f"{after['costs'].get('mean_wall_seconds', 0) / max(before['costs'].get('mean_wall_seconds', 1e-9), 1e-9):.2f}×",
-             "", ""]
+            [
+                backend,
+                "**after / before**",
+                f"**{after['wall'] / before['wall']:.2f}×**",
+                f"{after['probe_seconds'] / before['probe_seconds']:.2f}×",
+                "",
+                "",
+                "",
+                "",
+                "",
+                f"{after['costs'].get('mean_wall_seconds', 0) / max(before['costs'].get('mean_wall_seconds', 1e-9), 1e-9):.2f}×",
+                "",
+                "",
+            ]
         )
     study_table = markdown_table(
-        ["backend", "worker", "tune() wall (s)", "probe (s)", "trials", "worker start", "framework import",
-         "task load", "trial", "trial wall", "study's share per trial", "storage open (s)"],
+        [
+            "backend",
+            "worker",
+            "tune() wall (s)",
+            "probe (s)",
+            "trials",
+            "worker start",
+            "framework import",
+            "task load",
+            "trial",
+            "trial wall",
+            "study's share per trial",
+            "storage open (s)",
+        ],
         study_rows,
         align="llrrrrrrrrrr",
     )
@@ -214,8 +257,7 @@ def render(args, header, workers, studies, trials, clock) -> str:
         [
             f"# Per-trial cost: new process per trial vs forked template ({args.task}, budget {BUDGET})",
             "",
-            header,
-            threads_note(args.threads),
+            run.header,
             "",
             f"## Trial workers, {trials} trials each, alternating (mean seconds per trial)",
             "",
@@ -233,19 +275,24 @@ def render(args, header, workers, studies, trials, clock) -> str:
             "Study's share per trial: (tune wall − probe − storage open − Σ trial walls) / trials, i.e. sampler, storage "
             "writes and the dashboard note. Each mode's study runs its own probe (its workers are patched too).",
             "",
-            footer(command_line(), clock),
+            run.footer(),
         ]
     )
 
 
 def plot(args, workers) -> None:
     figure, axes = new_figure(len(workers), width=9, height=3.6)
-    parts = [("worker_start", "worker start"), ("framework_import", "framework import"), ("task_load", "task load"),
-             ("trial", "trial"), ("rest", "fork, pipes, waiting")]
+    parts = [
+        ("worker_start", "worker start"),
+        ("framework_import", "framework import"),
+        ("task_load", "task load"),
+        ("trial", "trial"),
+        ("rest", "fork, pipes, waiting"),
+    ]
     colours = ["tab:grey", "tab:red", "tab:purple", "tab:green", "tab:olive"]
-    for axis, (backend, modes) in zip(axes, workers.items()):
+    for axis, (backend, modes) in zip(axes, workers.items(), strict=True):
         bottoms = [0.0] * len(modes)
-        for (key, label), colour in zip(parts, colours):
+        for (key, label), colour in zip(parts, colours, strict=True):
             values = []
             for means in modes.values():
                 if key == "rest":
@@ -253,7 +300,7 @@ def plot(args, workers) -> None:
                 else:
                     values.append(means[key])
             axis.bar(range(len(modes)), values, bottom=bottoms, color=colour, label=label)
-            bottoms = [b + v for b, v in zip(bottoms, values)]
+            bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
         axis.set_xticks(range(len(modes)), ["new process\nper trial", "forked\ntemplate"])
         axis.set_ylabel("seconds per trial (mean)")
         axis.set_title(backend)

@@ -25,17 +25,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    Stopwatch,
-    command_line,
-    footer,
-    machine_line,
+    Run,
     markdown_table,
     mib,
     new_figure,
     parse_args,
-    pin_threads,
     save_plot,
-    threads_note,
     write_markdown,
 )
 
@@ -65,16 +60,16 @@ def trial_budget(task: str, quick: bool):
 
 
 def main(argv=None) -> int:
-    args = parse_args(__doc__.splitlines()[0], _options, argv)
-    clock = Stopwatch()
-    pin_threads(args.threads)
-    header = machine_line()
+    args = parse_args(__doc__, _options, argv)
+    run = Run(args)
     trials = args.trials or (3 if args.quick else 16)
 
     sweeps = {}
     for task in TASKS:
         sizes = QUICK_MICRO_BATCHES[task] if args.quick else MICRO_BATCHES[task]
-        print(f"sweep {task}: micro-batch {sizes} × accumulation {ACCUMULATION}, both frameworks in turn ...", flush=True)
+        print(
+            f"sweep {task}: micro-batch {sizes} × accumulation {ACCUMULATION}, both frameworks in turn ...", flush=True
+        )
         sweeps[task] = sweep(task, sizes, args.budget, trial_budget(task, args.quick), skip_long_windows=args.quick)
     tuned = {}
     for task in TASKS:
@@ -85,7 +80,7 @@ def main(argv=None) -> int:
             )
             print(f"  {tuned[(task, framework)].get('summary')}", flush=True)
 
-    text = render(args, header, sweeps, tuned, trials, clock)
+    text = render(run, sweeps, tuned, trials)
     plot_throughput(args, sweeps)
     plot_memory(args, sweeps, tuned)
     write_markdown(args.results, "frameworks", text)
@@ -133,9 +128,12 @@ def sweep(task: str, sizes: list[int], budget: str, trial_budget, skip_long_wind
                             "error": (result.error or "").splitlines()[0][:160] if result.status != "ok" else None,
                         }
                     )
-                    print(f"  {framework:10s} {micro:5d}×{accumulation} {result.status:5s} "
-                          f"{result.samples_per_second or 0:8.0f}/s loss {result.val_loss or float('nan'):.3f} "
-                          f"peak {mib(result.peak_memory_bytes) or 0:.0f} MiB", flush=True)
+                    print(
+                        f"  {framework:10s} {micro:5d}×{accumulation} {result.status:5s} "
+                        f"{result.samples_per_second or 0:8.0f}/s loss {result.val_loss or float('nan'):.3f} "
+                        f"peak {mib(result.peak_memory_bytes) or 0:.0f} MiB",
+                        flush=True,
+                    )
     finally:
         for worker in workers.values():
             worker.close()
@@ -199,8 +197,8 @@ def _tune(task, framework, budget, trials, trial_budget, search_space=None) -> d
 def _wall_counting_failures_as_oom(task: str, framework: str, budget: str, trial_budget) -> int:
     """tune()'s probe, but with any failed probe taken as "does not fit" rather than as a broken task."""
     from autobatch import MemoryBudget, TrialConfig, load_workload
-    from autobatch.search.probe import find_memory_wall
     from autobatch.process.worker import TrialWorker
+    from autobatch.search.probe import find_memory_wall
 
     workload = load_workload(task)
     budget_bytes = MemoryBudget.parse(budget).resolve("cpu")
@@ -220,7 +218,8 @@ def _wall_counting_failures_as_oom(task: str, framework: str, budget: str, trial
 # --- tables and plots -------------------------------------------------------------------------
 
 
-def render(args, header, sweeps, tuned, trials, clock) -> str:
+def render(run: Run, sweeps, tuned, trials) -> str:
+    args = run.args
     summary_rows = []
     for task in TASKS:
         for framework in FRAMEWORKS:
@@ -240,7 +239,8 @@ def render(args, header, sweeps, tuned, trials, clock) -> str:
                     _loss(reference),
                     f"{rec.get('micro_batch_size')} × {rec.get('accumulation_steps')}, lr {rec.get('learning_rate', 0):.2g}"
                     + (" †" if found.get("bounded_wall") else "")
-                    if rec else f"– ({found.get('error', 'no feasible trial')})",
+                    if rec
+                    else f"– ({found.get('error', 'no feasible trial')})",
                     rec.get("throughput"),
                     rec.get("val_loss"),
                     _time_cell(found),
@@ -275,7 +275,11 @@ def render(args, header, sweeps, tuned, trials, clock) -> str:
                     row = _find([r for r in sweeps[task] if r["framework"] == framework], micro, accumulation)
                     if row is None or row["status"] != "ok":
                         status = row["status"] if row else "–"
-                        cells += [status.upper() if status == "oom" else status, "", mib(row and row["peak_memory_bytes"]) if status == "oom" else ""]
+                        cells += [
+                            status.upper() if status == "oom" else status,
+                            "",
+                            mib(row and row["peak_memory_bytes"]) if status == "oom" else "",
+                        ]
                     else:
                         cells += [row["samples_per_second"], _loss(row), mib(row["peak_memory_bytes"])]
                 torch_row = _find([r for r in sweeps[task] if r["framework"] == "torch"], micro, accumulation)
@@ -287,13 +291,28 @@ def render(args, header, sweeps, tuned, trials, clock) -> str:
                 )
                 detail_rows.append(cells + [ratio])
     detail = markdown_table(
-        ["task", "micro-batch × accumulation", "PyTorch samples/s", "PyTorch val loss", "PyTorch peak MiB",
-         "TensorFlow samples/s", "TensorFlow val loss", "TensorFlow peak MiB", "TF / PT samples/s"],
+        [
+            "task",
+            "micro-batch × accumulation",
+            "PyTorch samples/s",
+            "PyTorch val loss",
+            "PyTorch peak MiB",
+            "TensorFlow samples/s",
+            "TensorFlow val loss",
+            "TensorFlow peak MiB",
+            "TF / PT samples/s",
+        ],
         detail_rows,
         align="llrrrrrrr",
     )
-    failures = sorted({f"{r['framework']} {r['micro_batch']}×{r['accumulation']}: {r['error']}" for task in TASKS
-                       for r in sweeps[task] if r["status"] not in ("ok",)})
+    failures = sorted(
+        {
+            f"{r['framework']} {r['micro_batch']}×{r['accumulation']}: {r['error']}"
+            for task in TASKS
+            for r in sweeps[task]
+            if r["status"] not in ("ok",)
+        }
+    )
     budgets = "; ".join(
         f"{task}: {b.train_samples} samples trained, {b.warmup_steps} warm-up + at least {b.min_timed_steps} timed "
         f"windows, {b.val_samples or 'all'} validation samples"
@@ -303,8 +322,7 @@ def render(args, header, sweeps, tuned, trials, clock) -> str:
         [
             f"# PyTorch vs TensorFlow under one memory budget ({args.budget}, CPU)",
             "",
-            header,
-            threads_note(args.threads),
+            run.header,
             "",
             summary,
             "",
@@ -313,8 +331,12 @@ def render(args, header, sweeps, tuned, trials, clock) -> str:
             "highest over the swept micro-batches (the micro-batch in brackets). Memory wall and recommendation: "
             f"`autobatch.tune(n_trials={trials})` with the same trial budget; time to tune includes the probe and "
             "every worker start."
-            + (" With --quick, configs whose window (micro-batch × accumulation) is larger than the trial's sample "
-               "budget are not swept." if args.quick else ""),
+            + (
+                " With --quick, configs whose window (micro-batch × accumulation) is larger than the trial's sample "
+                "budget are not swept."
+                if args.quick
+                else ""
+            ),
             "",
             *_failure_notes(tuned),
             "## Sweep",
@@ -325,7 +347,7 @@ def render(args, header, sweeps, tuned, trials, clock) -> str:
             "![throughput](frameworks_throughput.png)",
             "![memory](frameworks_memory.png)",
             "",
-            footer(command_line(), clock),
+            run.footer(),
         ]
     )
 
@@ -389,13 +411,19 @@ def _memory_at(rows, micro) -> str:
 
 def plot_throughput(args, sweeps) -> None:
     figure, axes = new_figure(len(TASKS), width=10, height=4)
-    for axis, task in zip(axes, TASKS):
-        for framework, colour in zip(FRAMEWORKS, ("tab:orange", "tab:blue")):
-            for accumulation, style in zip(ACCUMULATION, ("-", "--")):
+    for axis, task in zip(axes, TASKS, strict=True):
+        for framework, colour in zip(FRAMEWORKS, ("tab:orange", "tab:blue"), strict=True):
+            for accumulation, style in zip(ACCUMULATION, ("-", "--"), strict=True):
                 rows = [r for r in sweeps[task] if r["framework"] == framework and r["accumulation"] == accumulation]
                 ok = [r for r in rows if r["status"] == "ok" and r["samples_per_second"]]
-                axis.plot([r["micro_batch"] for r in ok], [r["samples_per_second"] for r in ok], style, marker="o",
-                          color=colour, label=f"{LABELS[framework]}, accumulation {accumulation}")
+                axis.plot(
+                    [r["micro_batch"] for r in ok],
+                    [r["samples_per_second"] for r in ok],
+                    style,
+                    marker="o",
+                    color=colour,
+                    label=f"{LABELS[framework]}, accumulation {accumulation}",
+                )
                 failed = [r["micro_batch"] for r in rows if r["status"] != "ok"]
                 if failed and accumulation == 1:
                     axis.scatter(failed, [0] * len(failed), marker="x", color=colour, zorder=3)
@@ -413,12 +441,17 @@ def plot_memory(args, sweeps, tuned) -> None:
 
     budget_mib = MemoryBudget.parse(args.budget).resolve("cpu") / 2**20
     figure, axes = new_figure(len(TASKS), width=10, height=4)
-    for axis, task in zip(axes, TASKS):
-        for framework, colour in zip(FRAMEWORKS, ("tab:orange", "tab:blue")):
+    for axis, task in zip(axes, TASKS, strict=True):
+        for framework, colour in zip(FRAMEWORKS, ("tab:orange", "tab:blue"), strict=True):
             rows = [r for r in sweeps[task] if r["framework"] == framework and r["accumulation"] == 1]
             ok = [r for r in rows if r["status"] == "ok" and r["peak_memory_bytes"]]
-            axis.plot([r["micro_batch"] for r in ok], [mib(r["peak_memory_bytes"]) for r in ok], marker="o",
-                      color=colour, label=f"{LABELS[framework]} peak")
+            axis.plot(
+                [r["micro_batch"] for r in ok],
+                [mib(r["peak_memory_bytes"]) for r in ok],
+                marker="o",
+                color=colour,
+                label=f"{LABELS[framework]} peak",
+            )
             wall = tuned[(task, framework)].get("wall")
             if wall:
                 axis.axvline(wall, color=colour, linestyle=":", label=f"{LABELS[framework]} wall ({wall})")

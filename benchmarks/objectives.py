@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,17 +33,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    Stopwatch,
-    command_line,
-    footer,
-    machine_line,
+    Run,
     markdown_table,
     median,
     new_figure,
     parse_args,
-    pin_threads,
     save_plot,
-    threads_note,
     write_markdown,
 )
 
@@ -64,13 +57,11 @@ COLORS = {"pareto": "#1f77b4", "goodput": "#2ca02c", "time-to-target": "#d62728"
 
 
 def main(argv=None) -> int:
-    args = parse_args(__doc__.splitlines()[0], _options, argv)
+    args = parse_args(__doc__, _options, argv)
     if args.child:
         print(json.dumps(overhead_child(args.child, args.rounds)))
         return 0
-    clock = Stopwatch()
-    env = pin_threads(args.threads)
-    header = machine_line()
+    run = Run(args)
     seconds = args.seconds or (2.0 if args.quick else 4.0)
     n_trials = args.trials or (10 if args.quick else 20)
     repeats = 1 if args.quick else 3
@@ -82,24 +73,21 @@ def main(argv=None) -> int:
     overhead = {}
     for framework in FRAMEWORKS:
         print(f"estimator cost on {framework}: {rounds} rounds per case ...", flush=True)
-        done = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--child", framework, "--rounds", str(rounds),
-             "--threads", str(args.threads)],
-            capture_output=True, text=True, env={**os.environ, **env},
-        )
-        if done.returncode != 0:
-            raise SystemExit(f"the {framework} run failed:\n{done.stderr[-3000:]}")
-        overhead[framework] = json.loads(done.stdout.strip().splitlines()[-1])
+        overhead[framework] = run.child_json(__file__, framework, "--child", framework, "--rounds", str(rounds))
     plot(args.results, studies, curves, seconds)
-    text = render(args, header, studies, curves, fixed, overhead, seconds, n_trials, repeats, rounds, clock)
+    text = render(run, studies, curves, fixed, overhead, seconds, n_trials, repeats, rounds)
     write_markdown(args.results, "objectives", text)
     return 0
 
 
 def _options(parser) -> None:
     parser.add_argument("--trials", type=int, default=None, help="trials per study (default 20, 10 with --quick)")
-    parser.add_argument("--seconds", type=float, default=None,
-                        help="time-to-target's training time per trial (default 4, 2 with --quick)")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="time-to-target's training time per trial (default 4, 2 with --quick)",
+    )
     parser.add_argument("--rounds", type=int, default=None, help="estimator-cost rounds (default 30, 10 with --quick)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
 
@@ -117,8 +105,16 @@ def run_studies(n_trials: int, seconds: float) -> dict:
         print(f"study: {objective}, {n_trials} trials ...", flush=True)
         started = time.perf_counter()
         result = tune(
-            TASK, BACKEND, memory_budget=MEMORY_BUDGET, n_trials=n_trials, storage=storage, study_name=objective,
-            device="cpu", objective=objective, trial_budget=budget, seed=0,
+            TASK,
+            BACKEND,
+            memory_budget=MEMORY_BUDGET,
+            n_trials=n_trials,
+            storage=storage,
+            study_name=objective,
+            device="cpu",
+            objective=objective,
+            trial_budget=budget,
+            seed=0,
         )
         if result.recommended is None:
             raise SystemExit(f"the {objective} study found no feasible config")
@@ -206,18 +202,31 @@ def overhead_child(framework: str, rounds: int) -> list[dict]:
         block = max(3, round(BLOCK_SECONDS / max(time.process_time() - started, 1e-4)))
         seconds: dict[bool, list[float]] = {True: [], False: []}
         for round_ in range(rounds):
-            for on in ((True, False) if round_ % 2 == 0 else (False, True)):
+            for on in (True, False) if round_ % 2 == 0 else (False, True):
                 started = time.process_time()
                 for _ in range(block):
                     step[on]()
                 seconds[on].append((time.process_time() - started) / block)
-        ratios = sorted(on / off for on, off in zip(seconds[True], seconds[False]))
+        ratios = sorted(on / off for on, off in zip(seconds[True], seconds[False], strict=True))
         quartiles = statistics.quantiles(ratios, n=4)
-        rows.append({"task": task, "micro_batch": micro, "accumulation": accumulation, "block_windows": block,
-                     "on_ms": 1e3 * median(seconds[True]), "off_ms": 1e3 * median(seconds[False]),
-                     "ratio": median(ratios), "ratio_quartiles": [quartiles[0], quartiles[2]]})
-        print(f"  {task} {micro}x{accumulation}: on {rows[-1]['on_ms']:.2f} ms, off {rows[-1]['off_ms']:.2f} ms "
-              f"per window, ratio {rows[-1]['ratio']:.3f}", file=sys.stderr, flush=True)
+        rows.append(
+            {
+                "task": task,
+                "micro_batch": micro,
+                "accumulation": accumulation,
+                "block_windows": block,
+                "on_ms": 1e3 * median(seconds[True]),
+                "off_ms": 1e3 * median(seconds[False]),
+                "ratio": median(ratios),
+                "ratio_quartiles": [quartiles[0], quartiles[2]],
+            }
+        )
+        print(
+            f"  {task} {micro}x{accumulation}: on {rows[-1]['on_ms']:.2f} ms, off {rows[-1]['off_ms']:.2f} ms "
+            f"per window, ratio {rows[-1]['ratio']:.3f}",
+            file=sys.stderr,
+            flush=True,
+        )
     return rows
 
 
@@ -225,7 +234,8 @@ def torch_window(workload, batches, measure: bool):
     """One window of the trial loop's ``train_window``, with or without the noise meter."""
     import torch
 
-    from autobatch.backends.torch.backend import GradientNoiseMeter, make_loss, make_optimizer, train_window
+    from autobatch.backends.torch import GradientNoiseMeter, train_window
+    from autobatch.backends.torch.training import make_loss, make_optimizer
 
     torch.manual_seed(0)
     model = workload.build_model("torch")
@@ -244,12 +254,16 @@ def tensorflow_window(workload, batches, measure: bool):
     """One window of ``MicroBatchTrainer``, with the estimate traced in or not, read per window as a trial does."""
     import keras
 
-    from autobatch.backends.tensorflow.backend import MicroBatchTrainer, batch_spec, make_optimizer
+    from autobatch.backends.tensorflow import MicroBatchTrainer, batch_spec
+    from autobatch.backends.tensorflow.training import make_optimizer
 
     keras.utils.set_random_seed(0)
     trainer = MicroBatchTrainer(
-        workload.build_model("tensorflow"), make_optimizer(workload.optimizer, workload.base_learning_rate),
-        workload.loss, x_spec=batch_spec(workload.x_train), y_spec=batch_spec(workload.y_train),
+        workload.build_model("tensorflow"),
+        make_optimizer(workload.optimizer, workload.base_learning_rate),
+        workload.loss,
+        x_spec=batch_spec(workload.x_train),
+        y_spec=batch_spec(workload.y_train),
         measure_noise=measure,
     )
 
@@ -271,11 +285,23 @@ def plot(results: Path, studies: dict, curves: dict, seconds: float) -> None:
     for objective, curve in curves.items():
         rec = studies[objective]["recommended"]
         label = f"{objective}: {rec['micro_batch_size']}×{rec['accumulation_steps']}, lr {rec['learning_rate']:.2g}"
-        left.plot([t for t, _ in curve], [loss for _, loss in curve], marker="o", markersize=3,
-                  color=COLORS[objective], label=label)
+        left.plot(
+            [t for t, _ in curve],
+            [loss for _, loss in curve],
+            marker="o",
+            markersize=3,
+            color=COLORS[objective],
+            label=label,
+        )
     left.axvline(seconds, color="black", linestyle=":", linewidth=1)
-    left.annotate("time-to-target's\nbudget per trial", (seconds, left.get_ylim()[1]), xytext=(4, -4),
-                  textcoords="offset points", va="top", fontsize=8)
+    left.annotate(
+        "time-to-target's\nbudget per trial",
+        (seconds, left.get_ylim()[1]),
+        xytext=(4, -4),
+        textcoords="offset points",
+        va="top",
+        fontsize=8,
+    )
     left.set_yscale("log")
     left.set_xlabel("training time of the recommended config (s)")
     left.set_ylabel("validation loss")
@@ -288,14 +314,24 @@ def plot(results: Path, studies: dict, curves: dict, seconds: float) -> None:
     base = load_workload(TASK).base_batch_size
     batches = [2**k for k in range(0, 13)]
     if noise is not None:
-        right.plot(batches, [statistical_efficiency(noise, b, base) for b in batches], color="black", linewidth=1,
-                   label=f"efficiency against B_0 = {base}, B_noise ≈ {noise:.0f} (noise probe)")
+        right.plot(
+            batches,
+            [statistical_efficiency(noise, b, base) for b in batches],
+            color="black",
+            linewidth=1,
+            label=f"efficiency against B_0 = {base}, B_noise ≈ {noise:.0f} (noise probe)",
+        )
         right.axvline(noise, color="gray", linestyle=":", linewidth=1)
         right.axhline(1.0, color="gray", linestyle="-", linewidth=0.5)
         for objective, study in studies.items():
             batch = study["recommended"]["effective_batch_size"]
-            right.scatter([batch], [statistical_efficiency(noise, batch, base)], color=COLORS[objective], zorder=3,
-                          label=f"{objective}: effective batch {batch}")
+            right.scatter(
+                [batch],
+                [statistical_efficiency(noise, batch, base)],
+                color=COLORS[objective],
+                zorder=3,
+                label=f"{objective}: effective batch {batch}",
+            )
     right.set_xscale("log", base=2)
     right.set_xlabel("effective batch B")
     right.set_ylabel("statistical efficiency (B_noise + B_0)/(B_noise + B)")
@@ -304,37 +340,44 @@ def plot(results: Path, studies: dict, curves: dict, seconds: float) -> None:
     save_plot(figure, results, "objectives")
 
 
-def render(args, header, studies, curves, fixed, overhead, seconds, n_trials, repeats, rounds, clock) -> str:
+def render(run: Run, studies, curves, fixed, overhead, seconds, n_trials, repeats, rounds) -> str:
     at_budget = CURVE_EVALUATIONS // HORIZON - 1  # the evaluation at T
     rows = []
     for objective, study in studies.items():
         rec = study["recommended"]
         speed, loss_fixed = fixed[objective]
         curve = curves[objective]
-        rows.append([
-            objective,
-            f"{rec['micro_batch_size']}×{rec['accumulation_steps']} = {rec['effective_batch_size']}",
-            f"{rec['learning_rate']:.3g}",
-            speed,
-            loss_fixed,
-            curve[at_budget][1],
-            curve[-1][1],
-            f"{study['seconds']:.0f} s",
-            f"{study['n_trials']} ({study['n_pruned']} pruned)",
-        ])
+        rows.append(
+            [
+                objective,
+                f"{rec['micro_batch_size']}×{rec['accumulation_steps']} = {rec['effective_batch_size']}",
+                f"{rec['learning_rate']:.3g}",
+                speed,
+                loss_fixed,
+                curve[at_budget][1],
+                curve[-1][1],
+                f"{study['seconds']:.0f} s",
+                f"{study['n_trials']} ({study['n_pruned']} pruned)",
+            ]
+        )
     noise = studies["pareto"].get("noise_scale") or {}
     cost_rows = []
     for framework, cases in overhead.items():
         for case in cases:
             low, high = case["ratio_quartiles"]
-            cost_rows.append([framework, f"{case['task']} {case['micro_batch']}×{case['accumulation']}",
-                              f"{case['off_ms']:.2f}", f"{case['on_ms']:.2f}",
-                              f"{(case['ratio'] - 1) * 100:+.1f}% ({(low - 1) * 100:+.1f}% … {(high - 1) * 100:+.1f}%)"])
+            cost_rows.append(
+                [
+                    framework,
+                    f"{case['task']} {case['micro_batch']}×{case['accumulation']}",
+                    f"{case['off_ms']:.2f}",
+                    f"{case['on_ms']:.2f}",
+                    f"{(case['ratio'] - 1) * 100:+.1f}% ({(low - 1) * 100:+.1f}% … {(high - 1) * 100:+.1f}%)",
+                ]
+            )
     lines = [
         "# Which objective: pareto, goodput or time-to-target",
         "",
-        header,
-        threads_note(args.threads),
+        run.header,
         "",
         f"Task `{TASK}` on {BACKEND} (CPU), memory budget {MEMORY_BUDGET}, {n_trials} trials per study, seed 0. "
         f"pareto and goodput train {TRAIN_SAMPLES} samples per trial; time-to-target trains {seconds:g} s per trial "
@@ -343,16 +386,28 @@ def render(args, header, studies, curves, fixed, overhead, seconds, n_trials, re
         f"{TRAIN_SAMPLES} samples.",
         "",
         markdown_table(
-            ["objective", "micro × accumulation = batch", "lr", "samples/s", f"loss after {TRAIN_SAMPLES} samples",
-             f"loss at {seconds:g} s", f"loss at {HORIZON * seconds:g} s", "study wall time", "trials"],
+            [
+                "objective",
+                "micro × accumulation = batch",
+                "lr",
+                "samples/s",
+                f"loss after {TRAIN_SAMPLES} samples",
+                f"loss at {seconds:g} s",
+                f"loss at {HORIZON * seconds:g} s",
+                "study wall time",
+                "trials",
+            ],
             rows,
             align="llrrrrrrr",
         ),
         "",
         "Critical batch size pooled over the pareto study's accumulating trials: "
         + (f"B_simple ≈ {noise['b_simple']:.0f}" if noise.get("b_simple") is not None else "not measured")
-        + (f" (per-trial range {noise['per_trial_range'][0]:.0f}–{noise['per_trial_range'][1]:.0f})"
-           if noise.get("per_trial_range") else "")
+        + (
+            f" (per-trial range {noise['per_trial_range'][0]:.0f}–{noise['per_trial_range'][1]:.0f})"
+            if noise.get("per_trial_range")
+            else ""
+        )
         + ".",
         "",
         "![learning curves and statistical efficiency](objectives.png)",
@@ -369,7 +424,7 @@ def render(args, header, studies, curves, fixed, overhead, seconds, n_trials, re
         "",
         markdown_table(["framework", "case", "ms/window, estimate off", "ms/window, on", "overhead (IQR)"], cost_rows),
         "",
-        footer(command_line(), clock),
+        run.footer(),
     ]
     return "\n".join(lines)
 

@@ -34,27 +34,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    Stopwatch,
-    command_line,
-    footer,
-    machine_line,
+    Run,
     markdown_table,
     median,
     new_figure,
     parse_args,
-    pin_threads,
     save_plot,
-    threads_note,
     write_markdown,
 )
+
 from autobatch.core.windows import SampleStream, SteadyStateTimer, plan_windows  # noqa: E402 - framework-free
 
 TARGET = 0.97
@@ -71,28 +65,17 @@ VAL_SAMPLES = 64  # ours evaluates too (a trial does); a small split keeps the r
 
 
 def main(argv=None) -> int:
-    args = parse_args(__doc__.splitlines()[0], _options, argv)
+    args = parse_args(__doc__, _options, argv)
     if args.child:
         print(json.dumps(child_main(args.child, args.rounds)))
         return 0
-    clock = Stopwatch()
-    env = pin_threads(args.threads)
-    header = machine_line()
+    run = Run(args)
     rounds = args.rounds or (5 if args.quick else 20)
     results = {}
     for framework in FRAMEWORKS:
         print(f"{framework}: {rounds} counted rounds per case ...", flush=True)
-        completed = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--child", framework, "--rounds", str(rounds),
-             "--threads", str(args.threads)],
-            capture_output=True,
-            text=True,
-            env={**os.environ, **env},
-        )
-        if completed.returncode != 0:
-            raise SystemExit(f"the {framework} run failed:\n{completed.stderr[-3000:]}")
-        results[framework] = json.loads(completed.stdout.strip().splitlines()[-1])
-    text = render(args, header, results, rounds, clock)
+        results[framework] = run.child_json(__file__, framework, "--child", framework, "--rounds", str(rounds))
+    text = render(run, results, rounds)
     plot(args, results)
     write_markdown(args.results, "overhead", text)
     return 0
@@ -131,8 +114,11 @@ def child_main(framework: str, rounds: int) -> list[dict]:
         rows.append(
             {"task": task, "micro_batch": micro, "accumulation": accumulation, "samples": samples, "rates": rates}
         )
-        print(f"  {task} {micro}×{accumulation}: " + ", ".join(f"{n} {median(r):.0f}/s" for n, r in rates.items()),
-              file=sys.stderr, flush=True)
+        print(
+            f"  {task} {micro}×{accumulation}: " + ", ".join(f"{n} {median(r):.0f}/s" for n, r in rates.items()),
+            file=sys.stderr,
+            flush=True,
+        )
     return rows
 
 
@@ -187,7 +173,7 @@ def torch_loops(workload, micro: int, accumulation: int) -> dict:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from autobatch.backends.torch.backend import make_loss, make_optimizer
+    from autobatch.backends.torch.training import make_loss, make_optimizer
 
     loss_fn = make_loss(workload.loss)
     x_all = torch.from_numpy(workload.x_train.copy())
@@ -234,9 +220,9 @@ def torch_loops(workload, micro: int, accumulation: int) -> dict:
 
 def tensorflow_loops(workload, micro: int, accumulation: int) -> dict:
     """The hand-written TensorFlow loop, ``run_window(window)``."""
-    from autobatch.backends import tensorflow as tf_backend
+    from autobatch.backends.tensorflow import training as tf_backend
+    from autobatch.backends.tensorflow._framework import keras, tf
 
-    tf, keras = tf_backend.tf, tf_backend.keras
     loss_fn = tf_backend.make_loss(workload.loss)
     keras.utils.set_random_seed(0)
     model = workload.build_model("tensorflow")
@@ -255,20 +241,20 @@ def tensorflow_loops(workload, micro: int, accumulation: int) -> dict:
     def train_step(x, y):
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(loss_fn(y, model(x, training=True)))
-        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
         return loss
 
     @tf.function
     def accumulate(x, y):
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(loss_fn(y, model(x, training=True))) / accumulation
-        for accumulator, gradient in zip(accumulators, tape.gradient(loss, variables)):
+        for accumulator, gradient in zip(accumulators, tape.gradient(loss, variables), strict=True):
             accumulator.assign_add(gradient)
         return loss
 
     @tf.function
     def apply():
-        optimizer.apply_gradients(zip([a.read_value() for a in accumulators], variables))
+        optimizer.apply_gradients(zip([a.read_value() for a in accumulators], variables, strict=True))
         for accumulator in accumulators:
             accumulator.assign(tf.zeros_like(accumulator))
 
@@ -301,7 +287,7 @@ def best_ratio(case: dict, name: str, reference: str = "plain") -> float | None:
 def paired_ratios(case: dict, name: str = "ours", reference: str = "plain") -> list[float]:
     """Per-round ratios: the two ran seconds apart, so a slow spell of the machine mostly cancels."""
     rates = case["rates"]
-    return [a / b for a, b in zip(rates[name], rates[reference]) if a and b]
+    return [a / b for a, b in zip(rates[name], rates[reference], strict=True) if a and b]
 
 
 def spread(values: list[float]) -> str:
@@ -316,7 +302,7 @@ def _ratio(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
-def render(args, header, results, rounds, clock) -> str:
+def render(run: Run, results, rounds) -> str:
     rows = []
     verdicts = []
     for framework, cases in results.items():
@@ -361,8 +347,7 @@ def render(args, header, results, rounds, clock) -> str:
         [
             "# Training-loop overhead: a trial's loop against a plain hand-written one",
             "",
-            header,
-            threads_note(args.threads),
+            run.header,
             "",
             table,
             "",
@@ -376,14 +361,14 @@ def render(args, header, results, rounds, clock) -> str:
             "framework. Samples/s and the ratios in bold are each method's best round, the one other processes "
             "slowed least (as `timeit` reports the minimum): on a 2-core machine shared with other work a single "
             "round can lose half its speed. Beside them, the median of the per-round ratios and their middle half, "
-            "which show how much the load moved things. \"Noise estimate off\": the same trial with "
+            'which show how much the load moved things. "Noise estimate off": the same trial with '
             "`TrialBudget(measure_noise=False)` (only trials that accumulate estimate the gradient noise scale). "
             "PyTorch's plain loop and ours train on the same samples in the same order; the DataLoader loop and "
             "TensorFlow's plain loop shuffle on their own.",
             "",
             "![overhead](overhead.png)",
             "",
-            footer(command_line(), clock),
+            run.footer(),
         ]
     )
 
@@ -393,8 +378,10 @@ def plot(args, results) -> None:
     labels, values, medians, colours = [], [], [], []
     for framework, cases in results.items():
         for case in cases:
-            labels.append(f"{'PT' if framework == 'torch' else 'TF'} {case['task'].split('-')[0]}\n"
-                          f"{case['micro_batch']}×{case['accumulation']}")
+            labels.append(
+                f"{'PT' if framework == 'torch' else 'TF'} {case['task'].split('-')[0]}\n"
+                f"{case['micro_batch']}×{case['accumulation']}"
+            )
             values.append(best_ratio(case, "ours") or 0.0)
             medians.append(median(paired_ratios(case)))
             colours.append("tab:orange" if framework == "torch" else "tab:blue")
@@ -406,8 +393,9 @@ def plot(args, results) -> None:
     axis.set_xticks(positions, labels, fontsize=8)
     axis.set_ylabel("ours / plain loop (samples/s)")
     axis.set_ylim(0.4, max(1.3, max(values + medians) * 1.1))
-    axis.set_title("Training-loop overhead: a trial against a hand-written loop (PT = PyTorch, TF = TensorFlow)",
-                   fontsize=10)
+    axis.set_title(
+        "Training-loop overhead: a trial against a hand-written loop (PT = PyTorch, TF = TensorFlow)", fontsize=10
+    )
     axis.legend(loc="lower right", fontsize=7)
     save_plot(figure, args.results, "overhead")
 

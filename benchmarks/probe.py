@@ -37,16 +37,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    Stopwatch,
-    command_line,
-    footer,
-    machine_line,
+    Run,
     markdown_table,
     new_figure,
     parse_args,
-    pin_threads,
     save_plot,
-    threads_note,
     write_markdown,
 )
 
@@ -62,12 +57,10 @@ def probe_budget():
 
 
 def main(argv=None) -> int:
-    args = parse_args(__doc__.splitlines()[0], _options, argv)
+    args = parse_args(__doc__, _options, argv)
     if args.child:
         return child_main(Path(args.child))
-    clock = Stopwatch()
-    pin_threads(args.threads)
-    header = machine_line("lightning", "accelerate")
+    run = Run(args, "lightning", "accelerate")
     args.budget = args.budget or ("768MiB" if args.quick else "1GiB")
 
     from autobatch import MemoryBudget, load_workload
@@ -94,7 +87,10 @@ def main(argv=None) -> int:
         truths[label] = true_wall(args.task, cap, ceiling, seed=seed if args.quick else None)
         if not args.quick:
             truths[label]["repeats"] = repeat_edges(args.task, cap, truths[label]["wall"], ceiling)
-        print(f"  {truths[label]['wall']} in {truths[label]['seconds']:.0f} s ({truths[label]['trials']} trials)", flush=True)
+        print(
+            f"  {truths[label]['wall']} in {truths[label]['seconds']:.0f} s ({truths[label]['trials']} trials)",
+            flush=True,
+        )
         # The full budget leaves 5% more bytes, at the fitted bytes per sample: where to start looking.
         seed = truths[label]["wall"] + int(SAFETY_MARGIN * budget_bytes / max(ours["bytes_per_sample"], 1.0))
 
@@ -106,7 +102,7 @@ def main(argv=None) -> int:
         elif found:
             checked[name] = "below"
 
-    text = render(args, header, ours, tools, truths, checked, budget_bytes, reduced_bytes, ceiling, clock)
+    text = render(run, ours, tools, truths, checked, budget_bytes, reduced_bytes, ceiling)
     plot(args, ours, tools, truths)
     write_markdown(args.results, "probe", text)
     return 0
@@ -114,7 +110,9 @@ def main(argv=None) -> int:
 
 def _options(parser) -> None:
     parser.add_argument("--task", default="synthetic-images")
-    parser.add_argument("--budget", default=None, help="the memory budget (RLIMIT_DATA on the CPU); default 1GiB, 768MiB with --quick")
+    parser.add_argument(
+        "--budget", default=None, help="the memory budget (RLIMIT_DATA on the CPU); default 1GiB, 768MiB with --quick"
+    )
     parser.add_argument("--child", default=None, help="(internal) run one capped tool from this spec file")
 
 
@@ -269,7 +267,9 @@ def run_capped_tool(tool: str, task: str, cap_bytes: int, ceiling: int, timeout:
             report = json.loads(Path(spec["report"]).read_text())
         except (OSError, ValueError):
             lines = [line for line in log.strip().splitlines() if line.strip()]
-            report = {"error": f"the process ended ({code}) without a report: {lines[-1][:300] if lines else 'no output'}"}
+            report = {
+                "error": f"the process ended ({code}) without a report: {lines[-1][:300] if lines else 'no output'}"
+            }
     report["process_seconds"] = process_seconds
     return report
 
@@ -291,7 +291,9 @@ def child_main(spec_path: Path) -> int:
         report["seconds"] = time.perf_counter() - started
     except BaseException as error:  # noqa: BLE001 - the report says what happened
         report["seconds_to_failure"] = time.perf_counter() - started
-        report["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
+        report["error"] = (
+            f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
+        )
         if _is_cpu_oom(error):
             # An out-of-memory error the tool did not recognise (oneDNN's "could not create a
             # primitive"): it crashed the user's process, which is one more OOM there.
@@ -302,7 +304,7 @@ def child_main(spec_path: Path) -> int:
 
 
 def _is_cpu_oom(error: BaseException) -> bool:
-    from autobatch.backends.torch.backend import TorchBackend
+    from autobatch.backends.torch import TorchBackend
 
     return TorchBackend().is_oom(error)
 
@@ -323,7 +325,7 @@ def _training_data(task: str):
     from torch.utils.data import DataLoader
 
     from autobatch import load_workload
-    from autobatch.backends.torch.backend import ArrayDataset
+    from autobatch.backends.torch import ArrayDataset
 
     workload = load_workload(task)
     dataset = ArrayDataset(workload.x_train, workload.y_train)
@@ -426,7 +428,8 @@ def _accelerate_search(spec: dict, report: dict):
 # --- the table --------------------------------------------------------------------------------
 
 
-def render(args, header, ours, tools, truths, checked, budget_bytes, reduced_bytes, ceiling, clock) -> str:
+def render(run: Run, ours, tools, truths, checked, budget_bytes, reduced_bytes, ceiling) -> str:
+    args = run.args
     full, reduced = truths["full"]["wall"], truths["reduced"]["wall"]
     gib = 2**30
     rows = [
@@ -541,8 +544,7 @@ def render(args, header, ours, tools, truths, checked, budget_bytes, reduced_byt
         [
             f"# Memory wall: {args.task} (PyTorch, CPU), budget {args.budget}",
             "",
-            header,
-            threads_note(args.threads),
+            run.header,
             "",
             table,
             "",
@@ -565,12 +567,16 @@ def render(args, header, ours, tools, truths, checked, budget_bytes, reduced_byt
             f"{(ours['baseline_bytes'] or 0) / 2**20:.0f} MiB of data segment with the model built, before training: "
             "a tool that searches inside the user's process has that process's own footprint to fit beside the batch.",
             f"- Ground truth (micro-batch:status): {truth_detail}"
-            + (" (bracket seeded at the probe's answer, --quick)." if args.quick else " (bisection of [1, training-set size])."),
+            + (
+                " (bracket seeded at the probe's answer, --quick)."
+                if args.quick
+                else " (bisection of [1, training-set size])."
+            ),
             *_repeat_notes(truths),
             "",
             "![probe](probe.png)",
             "",
-            footer(command_line(), clock),
+            run.footer(),
         ]
     )
 
@@ -578,7 +584,11 @@ def render(args, header, ours, tools, truths, checked, budget_bytes, reduced_byt
 def plot(args, ours, tools, truths) -> None:
     """How close each method got to the true wall (full budget), and what it cost."""
     figure, (left, right) = new_figure(2, width=11, height=3.8)
-    short = {"lightning-power": "Lightning power", "lightning-binsearch": "Lightning binsearch", "accelerate": "Accelerate"}
+    short = {
+        "lightning-power": "Lightning power",
+        "lightning-binsearch": "Lightning binsearch",
+        "accelerate": "Accelerate",
+    }
     names = ["autobatch probe"] + [short[n] for n in tools]
     found = [ours["found"]] + [t.get("found") or 0 for t in tools.values()]
     seconds = [ours["seconds"]] + [t.get("seconds", t.get("seconds_to_failure", 0.0)) for t in tools.values()]
@@ -587,15 +597,20 @@ def plot(args, ours, tools, truths) -> None:
     full = truths["full"]["wall"]
     left.barh(range(len(names)), [f / full for f in found], color=colours)
     left.axvline(1.0, color="black", linewidth=1, label=f"true wall, full budget ({full})")
-    left.axvline(truths["reduced"]["wall"] / full, color="black", linestyle="--", linewidth=1,
-                 label=f"true wall, 5% margin ({truths['reduced']['wall']})")
+    left.axvline(
+        truths["reduced"]["wall"] / full,
+        color="black",
+        linestyle="--",
+        linewidth=1,
+        label=f"true wall, 5% margin ({truths['reduced']['wall']})",
+    )
     left.set_yticks(range(len(names)), names, fontsize=8)
     left.invert_yaxis()
     left.set_xlabel("micro-batch found / true wall")
     left.set_title(f"{args.task}, budget {args.budget}", fontsize=10)
     left.legend(fontsize=7, loc="lower right")
     right.barh(range(len(names)), seconds, color=colours)
-    for row, (value, count) in enumerate(zip(seconds, ooms)):
+    for row, (value, count) in enumerate(zip(seconds, ooms, strict=True)):
         right.text(value, row, f"  {count} OOM(s) in the user's process", va="center", fontsize=7)
     right.set_yticks(range(len(names)), [""] * len(names))
     right.invert_yaxis()

@@ -18,7 +18,8 @@ micro-batch × accumulation × learning rate, or as much of it as it knows about
 Lightning and Accelerate run in a child process capped at the budget (see
 ``probe.py``): that child is the user's process, and the OOMs it catches are counted.
 The grid is also the ground truth; it is cached in ``results/grid_cache.json`` (keyed by
-workload, budget, trial budget, grid, threads, CPU and versions), so a rerun skips it.
+workload, budget, trial budget, grid, threads, CPU and versions; ``results/quick/`` for
+``--quick``), so a rerun skips it.
 Then every method's final config is trained again by one trial worker, the configs
 taking turns round by round, and its throughput and validation loss are those of that
 pass. Writes ``results/tuners.md`` and ``results/tuners.png``.
@@ -34,20 +35,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    RESULTS,
-    Stopwatch,
-    command_line,
+    Run,
+    cache_folder,
     cpu_model,
-    footer,
-    machine_line,
     markdown_table,
     median,
     new_figure,
     parse_args,
-    pin_threads,
     read_json,
     save_plot,
-    threads_note,
     versions,
     write_json,
     write_markdown,
@@ -78,10 +74,8 @@ def trial_budget(quick: bool):
 
 
 def main(argv=None) -> int:
-    args = parse_args(__doc__.splitlines()[0], _options, argv)
-    clock = Stopwatch()
-    pin_threads(args.threads)
-    header = machine_line("lightning", "accelerate")
+    args = parse_args(__doc__, _options, argv)
+    run = Run(args, "lightning", "accelerate")
     mode = "quick" if args.quick else "full"
     trials = args.trials or (8 if args.quick else 20)
     rounds = args.rounds or (1 if args.quick else 3)
@@ -109,7 +103,7 @@ def main(argv=None) -> int:
     print(f"measuring every final config, {rounds} round(s), configs in turn ...", flush=True)
     measure_finals(methods, args.budget, budget, rounds)
 
-    text = render(args, header, methods, grid, trials, rounds, budget, clock)
+    text = render(run, methods, grid, trials, rounds, budget)
     plot(args, methods, grid)
     write_markdown(args.results, "tuners", text)
     return 0
@@ -117,8 +111,12 @@ def main(argv=None) -> int:
 
 def _options(parser) -> None:
     parser.add_argument("--budget", default="768MiB", help="the memory budget (RLIMIT_DATA on the CPU)")
-    parser.add_argument("--trials", type=int, default=None, help="trials for autobatch and random (default 20, 8 with --quick)")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds of the final measurement (default 3, 1 with --quick)")
+    parser.add_argument(
+        "--trials", type=int, default=None, help="trials for autobatch and random (default 20, 8 with --quick)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="rounds of the final measurement (default 3, 1 with --quick)"
+    )
     parser.add_argument("--refresh-grid", action="store_true", help="run the grid again even if it is cached")
 
 
@@ -139,16 +137,25 @@ def _sqrt_rule(workload, effective: int, offset: float) -> float:
 
 def cached_grid(args, mode: str, budget, workload) -> dict:
     """The exhaustive grid's results, from the cache when this exact grid was run here before."""
-    cache_path = RESULTS / "grid_cache.json"
+    cache_path = cache_folder(args) / "grid_cache.json"
     key = "|".join(
         [
-            TASK, "torch", args.budget, f"train={budget.train_samples}", f"val={budget.val_samples}",
-            f"threads={args.threads}", f"grid={GRID[mode]}", cpu_model(), versions("torch"),
+            TASK,
+            "torch",
+            args.budget,
+            f"train={budget.train_samples}",
+            f"val={budget.val_samples}",
+            f"threads={args.threads}",
+            f"grid={GRID[mode]}",
+            cpu_model(),
+            versions("torch"),
         ]
     )
     cache = read_json(cache_path)
     if key in cache and not args.refresh_grid:
-        print(f"grid: {len(cache[key]['trials'])} trials from {cache_path.name} (run {cache[key]['created']})", flush=True)
+        print(
+            f"grid: {len(cache[key]['trials'])} trials from {cache_path.name} (run {cache[key]['created']})", flush=True
+        )
         return {**cache[key], "cached": True}
     from autobatch.process.worker import TrialWorker
 
@@ -162,9 +169,16 @@ def cached_grid(args, mode: str, budget, workload) -> dict:
             config = _config(micro, accumulation, _sqrt_rule(workload, micro * accumulation, offset))
             result = worker.run(config, budget)
             trials.append(_record(config, result, lr_offset=offset))
-            print(f"  {micro:4d}×{accumulation} δ={offset:+.1f} {result.status:4s} "
-                  f"{result.samples_per_second or 0:6.0f}/s loss {result.val_loss or float('nan'):.4f}", flush=True)
-    entry = {"trials": trials, "wall_seconds": time.perf_counter() - started, "created": time.strftime("%Y-%m-%d %H:%M")}
+            print(
+                f"  {micro:4d}×{accumulation} δ={offset:+.1f} {result.status:4s} "
+                f"{result.samples_per_second or 0:6.0f}/s loss {result.val_loss or float('nan'):.4f}",
+                flush=True,
+            )
+    entry = {
+        "trials": trials,
+        "wall_seconds": time.perf_counter() - started,
+        "created": time.strftime("%Y-%m-%d %H:%M"),
+    }
     cache[key] = entry
     write_json(cache_path, cache)
     return {**entry, "cached": False}
@@ -328,7 +342,8 @@ LABELS = {
 }
 
 
-def render(args, header, methods, grid, trials, rounds, budget, clock) -> str:
+def render(run: Run, methods, grid, trials, rounds, budget) -> str:
+    args = run.args
     grid_seconds = methods["grid"]["seconds"]
     reference = methods["grid"]
     rows = []
@@ -343,7 +358,8 @@ def render(args, header, methods, grid, trials, rounds, budget, clock) -> str:
                 f"{method['user_ooms']} (crashed)" if method.get("crashed_on_oom") else method["user_ooms"],
                 "–" if method.get("worker_ooms") is None else method["worker_ooms"],
                 f"{config.micro_batch_size} × {config.accumulation_steps}, lr {config.learning_rate:.2g}"
-                if config else f"failed: {method.get('error')}",
+                if config
+                else f"failed: {method.get('error')}",
                 method.get("throughput"),
                 f"{method['val_loss']:.4f}" if method.get("val_loss") is not None else "–",
                 _relative(method.get("throughput"), reference.get("throughput")),
@@ -351,8 +367,19 @@ def render(args, header, methods, grid, trials, rounds, budget, clock) -> str:
             ]
         )
     table = markdown_table(
-        ["method", "wall (s)", "/ grid wall", "work", "OOMs in user's process", "OOMs in workers", "final config",
-         "samples/s", "val loss", "samples/s / grid pick", "val loss / grid pick"],
+        [
+            "method",
+            "wall (s)",
+            "/ grid wall",
+            "work",
+            "OOMs in user's process",
+            "OOMs in workers",
+            "final config",
+            "samples/s",
+            "val loss",
+            "samples/s / grid pick",
+            "val loss / grid pick",
+        ],
         rows,
         align="lrrrrrlrrrr",
     )
@@ -390,8 +417,7 @@ def render(args, header, methods, grid, trials, rounds, budget, clock) -> str:
         [
             f"# Tuners: {TASK} (PyTorch, CPU), budget {args.budget}",
             "",
-            header,
-            threads_note(args.threads),
+            run.header,
             "",
             table,
             "",
@@ -414,7 +440,8 @@ def render(args, header, methods, grid, trials, rounds, budget, clock) -> str:
             "trials are part of its cost.",
             "- Lightning and Accelerate: wall is the search call in the capped child (imports excluded); "
             + "; ".join(
-                f"{LABELS[n]}: child process {m['process_seconds']:.0f} s" + (f", error: {m['error']}" if m.get("error") else "")
+                f"{LABELS[n]}: child process {m['process_seconds']:.0f} s"
+                + (f", error: {m['error']}" if m.get("error") else "")
                 for n, m in methods.items()
                 if "process_seconds" in m
             )
@@ -423,7 +450,7 @@ def render(args, header, methods, grid, trials, rounds, budget, clock) -> str:
             "",
             "![tuners](tuners.png)",
             "",
-            footer(command_line(), clock),
+            run.footer(),
         ]
     )
 
@@ -435,13 +462,21 @@ def _relative(value, reference) -> str:
 def plot(args, methods, grid) -> None:
     figure, (left, right) = new_figure(2, width=11, height=4.2)
     ok = [t for t in grid["trials"] if t["status"] == "ok" and t["val_loss"] is not None]
-    left.scatter([t["samples_per_second"] for t in ok], [t["val_loss"] for t in ok], s=12, color="lightgrey",
-                 label="grid trials")
+    left.scatter(
+        [t["samples_per_second"] for t in ok], [t["val_loss"] for t in ok], s=12, color="lightgrey", label="grid trials"
+    )
     markers = itertools.cycle("o^sDvP")
     for name, method in methods.items():
         if method.get("throughput") and method.get("val_loss") is not None:
-            left.scatter([method["throughput"]], [method["val_loss"]], s=60, marker=next(markers), label=LABELS[name],
-                         edgecolors="black", zorder=3)
+            left.scatter(
+                [method["throughput"]],
+                [method["val_loss"]],
+                s=60,
+                marker=next(markers),
+                label=LABELS[name],
+                edgecolors="black",
+                zorder=3,
+            )
     left.set_xlabel("samples/s (grey: the grid's own run; markers: the final measurement)")
     left.set_ylabel("validation loss")
     left.set_yscale("log")

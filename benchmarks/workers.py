@@ -25,25 +25,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     ROOT,
-    Stopwatch,
-    command_line,
-    footer,
-    machine_line,
+    Run,
     markdown_table,
     new_figure,
     parse_args,
-    pin_threads,
     save_plot,
-    threads_note,
     write_markdown,
 )
 
 
 def main(argv=None) -> int:
-    args = parse_args(__doc__.splitlines()[0], _options, argv)
-    clock = Stopwatch()
-    env = pin_threads(args.threads)
-    header = machine_line("psycopg")
+    args = parse_args(__doc__, _options, argv)
+    run = Run(args, "psycopg")
     trials = args.trials or (6 if args.quick else 8)
     server = None
     storage = args.storage
@@ -56,12 +49,12 @@ def main(argv=None) -> int:
         rows = []
         for workers in args.workers:
             print(f"{workers} worker(s), {trials} timed trials ...", flush=True)
-            rows.append(measure(storage, args, workers, trials, env))
+            rows.append(measure(storage, args, workers, trials, run.env))
             print(f"  {rows[-1]['per_minute']:.1f} trials/min", flush=True)
     finally:
         if server is not None:
             server.stop()
-    text = render(rows, args, header, trials, clock)
+    text = render(rows, run, trials)
     plot(rows, args)
     write_markdown(args.results, args.name, text)
     return 0
@@ -74,30 +67,57 @@ def _options(parser) -> None:
     parser.add_argument("--memory-budget", default="1GiB")
     parser.add_argument("--samples", type=int, default=1024, help="samples trained per trial")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--trials", type=int, default=None, help="timed trials per worker count (default 8, 6 with --quick)")
+    parser.add_argument(
+        "--trials", type=int, default=None, help="timed trials per worker count (default 8, 6 with --quick)"
+    )
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--name", default="workers", help="file name of the table and plot under --results")
 
 
 def measure(storage: str, args, workers: int, trials: int, env: dict) -> dict:
-    from autobatch.search.study import load_existing_study
+    from autobatch.search.results import load_existing_study
 
     name = f"bench-{args.task}-{args.backend}-{workers}w-{datetime.now():%Y%m%d%H%M%S}"
-    common = [args.task, "--backend", args.backend, "--memory-budget", args.memory_budget, "--samples",
-              str(args.samples), "--device", args.device, "--storage", storage, "--study-name", name]
+    common = [
+        args.task,
+        "--backend",
+        args.backend,
+        "--memory-budget",
+        args.memory_budget,
+        "--samples",
+        str(args.samples),
+        "--device",
+        args.device,
+        "--storage",
+        storage,
+        "--study-name",
+        name,
+    ]
     env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-m", "autobatch", "tune", *common, "--trials", "1", "--json"],
-                   check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "autobatch", "tune", *common, "--trials", "1", "--json"],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     started = time.perf_counter()
     processes = [
-        subprocess.Popen([sys.executable, "-m", "autobatch", "worker", *common, "--study-trials", str(1 + trials),
-                          "--json"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "autobatch", "worker", *common, "--study-trials", str(1 + trials), "--json"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(workers)
     ]
     for process in processes:
         _, stderr = process.communicate()
         if process.returncode != 0:
-            raise SystemExit(f"a worker failed: {stderr.strip().splitlines()[-1] if stderr.strip() else process.returncode}")
+            raise SystemExit(
+                f"a worker failed: {stderr.strip().splitlines()[-1] if stderr.strip() else process.returncode}"
+            )
     wall = time.perf_counter() - started
     study = load_existing_study(storage, name)
     timed = [t for t in study.get_trials(deepcopy=False) if t.number >= 1 and t.state.name == "COMPLETE"]
@@ -114,13 +134,21 @@ def measure(storage: str, args, workers: int, trials: int, env: dict) -> dict:
     }
 
 
-def render(rows: list[dict], args, header: str, trials: int, clock) -> str:
+def render(rows: list[dict], run: Run, trials: int) -> str:
+    args = run.args
     base = rows[0]["per_minute"]
     table = markdown_table(
         ["workers", "timed trials", "wall (s)", "trials/min", "speed-up", "trials/min, steady", "mean trial (s)"],
         [
-            [r["workers"], r["trials"], r["wall"], r["per_minute"], f"{r['per_minute'] / base:.2f}×",
-             r["steady_per_minute"], r["trial_seconds"]]
+            [
+                r["workers"],
+                r["trials"],
+                r["wall"],
+                r["per_minute"],
+                f"{r['per_minute'] / base:.2f}×",
+                r["steady_per_minute"],
+                r["trial_seconds"],
+            ]
             for r in rows
         ],
         align="rrrrrrr",
@@ -129,8 +157,7 @@ def render(rows: list[dict], args, header: str, trials: int, clock) -> str:
         [
             "# Trials per minute by worker count, one PostgreSQL study",
             "",
-            header,
-            threads_note(args.threads),
+            run.header,
             "",
             f"{args.task} on {args.backend} ({args.device}), budget {args.memory_budget}, {args.samples} samples per "
             f"trial, {trials} timed trials per worker count.",
@@ -143,7 +170,7 @@ def render(rows: list[dict], args, header: str, trials: int, clock) -> str:
             "",
             f"![{args.name}]({args.name}.png)",
             "",
-            footer(command_line(), clock),
+            run.footer(),
         ]
     )
 
@@ -153,8 +180,13 @@ def plot(rows: list[dict], args) -> None:
     counts = [r["workers"] for r in rows]
     axis.plot(counts, [r["per_minute"] for r in rows], marker="o", label="wall (start-up included)")
     axis.plot(counts, [r["steady_per_minute"] for r in rows], marker="s", label="steady")
-    axis.plot(counts, [rows[0]["per_minute"] * c / counts[0] for c in counts], linestyle="--", color="grey",
-              label="linear from 1 worker")
+    axis.plot(
+        counts,
+        [rows[0]["per_minute"] * c / counts[0] for c in counts],
+        linestyle="--",
+        color="grey",
+        label="linear from 1 worker",
+    )
     axis.set_xticks(counts)
     axis.set_xlabel("workers")
     axis.set_ylabel("trials per minute")

@@ -111,7 +111,7 @@ def test_dashboard_on_a_bad_storage_says_so_in_one_line(run_cli, tmp_path, case)
 def test_report_writes_four_readable_pngs(real_study, run_cli, tmp_path):
     import matplotlib.image
 
-    from autobatch.report.plots import REPORT_FILES
+    from autobatch.report.png_report import REPORT_FILES
 
     storage, _ = real_study
     out = tmp_path / "report"
@@ -130,7 +130,8 @@ def test_report_writes_four_readable_pngs(real_study, run_cli, tmp_path):
 
 @pytest.mark.slow
 def test_pareto_plot_of_a_real_study_draws_every_infeasible_trial_apart(real_study):
-    from autobatch.report.plots import StudyPlotData, pareto_figure
+    from autobatch.report.figures import pareto_figure
+    from autobatch.report.plot_data import StudyPlotData
 
     _, result = real_study
     data = StudyPlotData.from_study(result.study)
@@ -141,7 +142,8 @@ def test_pareto_plot_of_a_real_study_draws_every_infeasible_trial_apart(real_stu
 
 
 def test_pareto_plot_draws_infeasible_trials_apart_by_kind():
-    from autobatch.report.plots import StudyPlotData, pareto_figure
+    from autobatch.report.figures import pareto_figure
+    from autobatch.report.plot_data import StudyPlotData
 
     study, numbers = _hand_made_study()
     figure = pareto_figure(StudyPlotData.from_study(study))
@@ -169,7 +171,8 @@ def test_pareto_plot_draws_infeasible_trials_apart_by_kind():
 
 
 def test_memory_plot_shows_budget_model_and_probes():
-    from autobatch.report.plots import StudyPlotData, memory_figure
+    from autobatch.report.figures import memory_figure
+    from autobatch.report.plot_data import StudyPlotData
 
     study, _ = _hand_made_study()
     axes = memory_figure(StudyPlotData.from_study(study)).axes[0]
@@ -186,8 +189,9 @@ def test_study_keeps_plots_and_a_note_naming_the_excluded_trials():
     from optuna_dashboard import get_note
     from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
 
-    from autobatch.report.plots import DASHBOARD_GRAPH_IDS
-    from autobatch.search.study import summarize, write_note
+    from autobatch.report.dashboard_plots import DASHBOARD_GRAPH_IDS
+    from autobatch.search.note import write_note
+    from autobatch.search.results import summarize
 
     study, numbers = _hand_made_study()
     write_note(study, summarize(study, ""))

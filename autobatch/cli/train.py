@@ -1,6 +1,6 @@
 """``autobatch train``: train a task with a study's recommended config, or a given one.
 
-The training runs in a child process under the memory budget (see :mod:`autobatch.training.train`);
+The training runs in a child process under the memory budget (see :mod:`autobatch.training`);
 this process shows its progress on stderr and prints the result. An OOM that stops
 training is one line on stderr and exit code 1; bad input is exit code 2.
 """
@@ -10,29 +10,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
-# Python parameter names as this command spells them, for error messages.
-_FLAGS = {
-    "micro_batch_size": "--micro-batch",
-    "accumulation_steps": "--accumulation",
-    "learning_rate": "--lr",
+from autobatch.cli._common import add_task_arguments
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+# How this command spells the parameters of train() that the other commands spell otherwise or lack.
+TRAIN_FLAGS = {
     "study_name": "--from-study",
-    "storage": "--storage",
     "epochs": "--epochs",
     "max_samples": "--samples",
-    "max_micro_batch": "--max-micro-batch",
     "grow_after": "--grow-after",
-    "memory_budget": "--memory-budget",
-    "eval_batch_size": "--eval-batch-size",
     "output": "--output",
-    "backend": "--backend",
-    "task": "TASK",
     "seed": "--seed",
     "checkpoint_every": "--checkpoint-every",
 }
 
 
-def add_train_commands(commands, add_task_arguments) -> None:
+def add_command(commands) -> None:
     train = commands.add_parser(
         "train",
         help="train a task with a study's recommended config (or a given one), adapting the micro-batch to memory",
@@ -57,32 +54,53 @@ def add_train_commands(commands, add_task_arguments) -> None:
     source.add_argument("--accumulation", type=int, default=None, help="gradient-accumulation steps (default 1)")
     source.add_argument("--lr", type=float, default=None, help="learning rate (default: the task's base LR)")
     train.add_argument("--epochs", type=int, default=1, help="passes over the training set (default 1)")
-    train.add_argument("--adaptive", action="store_true",
-                       help="on an OOM, halve the micro-batch and double the accumulation for that window, and redo it")
-    train.add_argument("--max-micro-batch", type=int, default=None,
-                       help="largest micro-batch to grow back to (default: the study's memory wall, or --micro-batch)")
-    train.add_argument("--grow-after", type=int, default=16,
-                       help="clean windows before trying twice the micro-batch again (default 16)")
+    train.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="on an OOM, halve the micro-batch and double the accumulation for that window, and redo it",
+    )
+    train.add_argument(
+        "--max-micro-batch",
+        type=int,
+        default=None,
+        help="largest micro-batch to grow back to (default: the study's memory wall, or --micro-batch)",
+    )
+    train.add_argument(
+        "--grow-after",
+        type=int,
+        default=16,
+        help="clean windows before trying twice the micro-batch again (default 16)",
+    )
     train.add_argument("--no-grow", action="store_true", help="never grow the micro-batch back after an OOM")
-    train.add_argument("--checkpoint-every", type=int, default=None,
-                       help="with --adaptive, checkpoint every N steps to resume from if the framework dies of an OOM "
-                            "(default: on the CPU, where an OOM can leave the process unable to go on, as often as it costs "
-                            "under 5%% of the time)")
-    train.add_argument("--output", "-o", default=None,
-                       help="write the trained model here (PyTorch: state_dict; Keras: .keras or .weights.h5; "
-                            "either: .npz), only once training has finished")
-    train.set_defaults(handler=_run_train_command)
+    train.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        help="with --adaptive, checkpoint every N steps to resume from if the framework dies of an OOM "
+        "(default: on the CPU, where an OOM can leave the process unable to go on, as often as it costs "
+        "under 5%% of the time)",
+    )
+    train.add_argument(
+        "--output",
+        "-o",
+        default=None,
+        help="write the trained model here (PyTorch: state_dict; Keras: .keras or .weights.h5; "
+        "either: .npz), only once training has finished",
+    )
+    train.set_defaults(handler=run, flag_names=TRAIN_FLAGS)
 
 
-def _run_train_command(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from autobatch.errors import InvalidParameterError
-    from autobatch.training.train import TrainingError, train
+    from autobatch.training.api import TrainingError, train
 
     if args.num_workers:
-        print(f"autobatch train: error: --num-workers={args.num_workers!r} is invalid: train gathers each window "
-              "from arrays in memory and starts no data-loading workers; leave it out", file=sys.stderr)
-        return 2
-    progress = _Progress(quiet=False)
+        raise InvalidParameterError(
+            "num_workers",
+            args.num_workers,
+            "train gathers each window from arrays in memory and starts no data-loading workers; leave it out",
+        )
+    progress = TrainProgress(quiet=False)
     try:
         result = train(
             args.task,
@@ -107,11 +125,9 @@ def _run_train_command(args: argparse.Namespace) -> int:
             on_event=progress.event,
             verbose=args.verbose,
         )
-    except InvalidParameterError as error:
-        progress.close()
-        flag = _FLAGS.get(error.parameter, error.parameter)
-        print(f"autobatch train: error: {flag}={error.value!r} is invalid: {error.allowed}", file=sys.stderr)
-        return 2
+    except InvalidParameterError:
+        progress.close()  # the error line follows it (see main)
+        raise
     except TrainingError as error:
         progress.close()
         print(f"autobatch train: error: {' '.join(str(error).split())}", file=sys.stderr)
@@ -130,15 +146,21 @@ def summary_text(result) -> str:
     config = result.config
     rows = [
         ("task", f"{result.task} ({result.backend} on {result.device})"),
-        ("config", f"micro-batch {config.micro_batch_size} x accumulation {config.accumulation_steps} "
-                   f"= {config.effective_batch_size}, lr {config.learning_rate:g}"),
+        (
+            "config",
+            f"micro-batch {config.micro_batch_size} x accumulation {config.accumulation_steps} "
+            f"= {config.effective_batch_size}, lr {config.learning_rate:g}",
+        ),
         ("effective batch", ", ".join(str(size) for size in result.effective_batch_sizes) + " samples per step"),
         ("trained", f"{result.epochs} epoch(s), {result.steps} steps, {result.samples_seen} samples"),
         ("validation loss", f"{result.val_loss:.4f}"),
         ("train loss", " -> ".join(f"{loss:.4f}" for loss in result.epoch_losses) or "-"),
         ("throughput", f"{result.samples_per_second:.1f} samples/s" if result.samples_per_second else "-"),
-        ("adaptations", str(len(result.adaptations)) + (f", final micro-batch {result.final_micro_batch_size}"
-                                                          if result.adaptations else "")),
+        (
+            "adaptations",
+            str(len(result.adaptations))
+            + (f", final micro-batch {result.final_micro_batch_size}" if result.adaptations else ""),
+        ),
         ("peak memory", format_bytes(result.peak_memory_bytes)),
         ("memory budget", format_bytes(result.memory_budget_bytes)),
         ("wall time", f"{result.timings.get('wall', 0):.1f} s"),
@@ -155,8 +177,11 @@ def summary_text(result) -> str:
 
 
 def describe_adaptation(adaptation) -> str:
-    reason = {"oom": "out of memory, window redone", "crash": "OOM crash, window redone in a new process",
-              "grow": "clean windows, growing back"}[adaptation.cause]
+    reason = {
+        "oom": "out of memory, window redone",
+        "crash": "OOM crash, window redone in a new process",
+        "grow": "clean windows, growing back",
+    }[adaptation.cause]
     return (
         f"micro-batch {adaptation.old_micro_batch} x {adaptation.old_accumulation} -> "
         f"{adaptation.new_micro_batch} x {adaptation.new_accumulation} "
@@ -164,12 +189,12 @@ def describe_adaptation(adaptation) -> str:
     )
 
 
-class _Progress:
+class TrainProgress:
     """A progress bar on stderr: epoch, step, loss, samples/s, and a line per adaptation."""
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
-        self.bar = None  # made at the first window, so start-up time does not count as training
+        self.bar: tqdm | None = None  # made at the first window, so start-up time does not count as training
 
     def _write(self, line: str) -> None:
         if self.bar is not None:
@@ -183,13 +208,21 @@ class _Progress:
             if self.bar is None:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=event["steps"], initial=event["step"] - 1, unit="step", file=sys.stderr,
-                                disable=self.quiet, dynamic_ncols=True, mininterval=0.5)
+                self.bar = tqdm(
+                    total=event["steps"],
+                    initial=event["step"] - 1,
+                    unit="step",
+                    file=sys.stderr,
+                    disable=self.quiet,
+                    dynamic_ncols=True,
+                    mininterval=0.5,
+                )
             self.bar.set_description(f"epoch {event['epoch']}/{event['epochs']}", refresh=False)
             speed = event.get("samples_per_second")
             self.bar.set_postfix_str(
                 f"loss {event['loss']:.4f}, {speed:.1f} samples/s, micro {event['micro']}x{event['accumulation']}"
-                if speed else f"loss {event['loss']:.4f}",
+                if speed
+                else f"loss {event['loss']:.4f}",
                 refresh=False,
             )
             self.bar.update(event["step"] - self.bar.n)
@@ -199,8 +232,10 @@ class _Progress:
             adaptation = Adaptation.from_dict(event)
             self._write(f"step {adaptation.step}: {describe_adaptation(adaptation)}: {adaptation.detail}")
         elif kind == "restart":
-            self._write(f"step {event['step']}: out of memory ({event['detail']}); "
-                        f"resuming in a new process from step {event['from_step']}")
+            self._write(
+                f"step {event['step']}: out of memory ({event['detail']}); "
+                f"resuming in a new process from step {event['from_step']}"
+            )
         elif kind == "evaluating" and self.bar is not None:
             self.bar.set_description("evaluating", refresh=True)
 

@@ -1,8 +1,14 @@
-"""What devices the trials can run on, found without importing a framework."""
+"""What devices the trials can run on, found without importing a framework.
+
+The device facts that every stage may ask (the default device, a GPU's total memory, NVML's
+handle) and what NVML says of the driver and each GPU, for ``autobatch devices``.
+"""
 
 from __future__ import annotations
 
+import glob
 import os
+from typing import Any
 
 from autobatch.errors import AutobatchError
 
@@ -111,7 +117,65 @@ def nvml_error_text(error: BaseException) -> str:
     return f"{name}: {text}" if text and text not in name else name
 
 
-def _torch_total_memory_bytes(device: str) -> "tuple[int | None, str]":
+def nvml_report() -> dict[str, Any]:
+    """What the NVIDIA driver says through NVML: its versions and each GPU; or why it says nothing."""
+    report: dict[str, Any] = {"available": False, "devices": []}
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception as error:
+        report["error"] = nvml_error_text(error)
+        nodes = glob.glob("/dev/nvidia[0-9]*")
+        report["device_nodes"] = sorted(nodes)
+        report["driver_loaded"] = os.path.exists("/proc/driver/nvidia/version")
+        return report
+    try:
+        report["available"] = True
+        report["driver_version"] = _text(_try(pynvml.nvmlSystemGetDriverVersion))
+        cuda = _try(pynvml.nvmlSystemGetCudaDriverVersion)
+        report["cuda_driver_version"] = f"{cuda // 1000}.{cuda % 1000 // 10}" if isinstance(cuda, int) else None
+        report["nvml_version"] = _text(_try(pynvml.nvmlSystemGetNVMLVersion))
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            report["devices"].append(_nvml_device(pynvml, index))
+    except Exception as error:
+        report["error"] = nvml_error_text(error)
+    finally:
+        pynvml.nvmlShutdown()
+    return report
+
+
+def _nvml_device(pynvml, index: int) -> dict[str, Any]:
+    """One GPU as NVML sees it: name, memory, and what it is busy with (where the driver says)."""
+    handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+    memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+    device: dict[str, Any] = {
+        "index": index,
+        "name": _text(_try(pynvml.nvmlDeviceGetName, handle)),
+        "uuid": _text(_try(pynvml.nvmlDeviceGetUUID, handle)),
+        "memory_total_bytes": int(memory.total),
+        "memory_used_bytes": int(memory.used),
+        "memory_free_bytes": int(memory.free),
+    }
+    rates = _try(pynvml.nvmlDeviceGetUtilizationRates, handle)
+    if rates is not None:
+        device["gpu_utilization"] = rates.gpu
+    power = _try(pynvml.nvmlDeviceGetPowerUsage, handle)
+    if power is not None:
+        device["power_watts"] = power / 1000
+    limit = _try(pynvml.nvmlDeviceGetEnforcedPowerLimit, handle)
+    if limit is not None:
+        device["power_limit_watts"] = limit / 1000
+    mig = _try(pynvml.nvmlDeviceGetMigMode, handle)
+    if isinstance(mig, (list, tuple)) and mig and mig[0]:
+        device["mig_enabled"] = True
+    processes = _try(pynvml.nvmlDeviceGetComputeRunningProcesses, handle)
+    if processes is not None:
+        device["processes"] = len(processes)
+    return device
+
+
+def _torch_total_memory_bytes(device: str) -> tuple[int | None, str]:
     """(total bytes, or None and why) from ``torch.cuda.mem_get_info`` in a child process.
 
     A child, so that this process neither imports torch nor holds a CUDA context.
@@ -133,3 +197,16 @@ def _torch_total_memory_bytes(device: str) -> "tuple[int | None, str]":
         return int(done.stdout.strip()), ""
     lines = (done.stderr or done.stdout).strip().splitlines()
     return None, lines[-1] if lines else f"exit code {done.returncode}"
+
+
+def _try(function, *args):
+    try:
+        return function(*args)
+    except Exception:
+        return None
+
+
+def _text(value) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,1 +1,1 @@
-"""What a person looks at: matplotlib and plotly figures, the PNG report, the dashboard."""
+"""What a person looks at: a study's plots (matplotlib for the PNG report, plotly for optuna-dashboard), the dashboard server, and the devices report."""
