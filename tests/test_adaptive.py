@@ -1,7 +1,7 @@
 """Adaptive micro-batching: an OOM splits the window and redoes it, and the math stays the same.
 
 The controller's bookkeeping is tested with stand-in accumulate/apply functions. The
-real thing runs ``autobatch.training.train`` under real memory budgets (RLIMIT_DATA in the
+real thing runs ``autobatch.train`` under real memory budgets (RLIMIT_DATA in the
 training process): the ``lengths`` task (tests/adaptive_tasks.py) runs out of memory
 only in the windows that hold one of its long samples, and a run that adapts must end
 with the weights of a run that used the small micro-batch from the start.
@@ -25,7 +25,7 @@ from autobatch.core.adaptive import (
     OptimizerStepOOMError,
 )
 from autobatch.errors import InvalidParameterError, StorageError
-from autobatch.training.train import TrainingError, TrainingOOMError, plan_epochs, train
+from autobatch.training.api import TrainingError, TrainingOOMError, plan_epochs, train
 from tests import adaptive_tasks
 
 MIB = 2**20
@@ -222,7 +222,7 @@ def test_the_window_plan_does_not_depend_on_the_micro_batch():
     for epoch in (1, 2):
         seen = np.concatenate([indices for e, indices in plan if e == epoch])
         assert sorted(seen.tolist()) == list(range(10))  # each epoch: every sample once
-    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(plan, plan_epochs(10, 4, epochs=2, seed=3)))
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(plan, plan_epochs(10, 4, epochs=2, seed=3), strict=True))
     assert sum(len(indices) for _, indices in plan_epochs(10, 4, epochs=2, seed=3, max_samples=7)) == 7
 
 
@@ -231,7 +231,7 @@ def test_the_window_plan_does_not_depend_on_the_micro_batch():
 
 def test_torch_batcher_redo_equals_the_small_micro_batch_from_the_start():
     torch = pytest.importorskip("torch")
-    from autobatch.backends.torch.backend import AdaptiveMicroBatcher
+    from autobatch.backends.torch import AdaptiveMicroBatcher
 
     class Counting(torch.nn.Module):
         """A linear model that counts its samples, and runs out of memory in the second big micro-batch of window 2."""
@@ -251,7 +251,9 @@ def test_torch_batcher_redo_equals_the_small_micro_batch_from_the_start():
             return self.linear(x)
 
     generator = torch.Generator().manual_seed(1)
-    windows = [(torch.randn(12, 3, generator=generator), torch.randint(0, 2, (12,), generator=generator)) for _ in range(3)]
+    windows = [
+        (torch.randn(12, 3, generator=generator), torch.randint(0, 2, (12,), generator=generator)) for _ in range(3)
+    ]
 
     def train_with(micro: int, fail_above: int | None):
         model = Counting(fail_above)
@@ -273,7 +275,7 @@ def test_torch_batcher_redo_equals_the_small_micro_batch_from_the_start():
     assert (adaptation.old_accumulation, adaptation.new_accumulation) == (2, 4)
     assert float(adapted.seen) == float(reference.seen) == 36  # the failed attempt's count was rolled back
     assert batcher.samples_seen == 36
-    for a, b in zip(adapted.parameters(), reference.parameters()):
+    for a, b in zip(adapted.parameters(), reference.parameters(), strict=True):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
@@ -296,19 +298,29 @@ def test_a_run_that_adapts_ends_with_the_weights_of_the_small_micro_batch(backen
     reference = train(LENGTHS, backend, micro_batch_size=8, accumulation_steps=4, output=tmp_path / "small.npz")
     budget = reference.baseline_memory_bytes + BUDGET_ABOVE_BASELINE[backend]
     adapted = train(
-        LENGTHS, backend, micro_batch_size=16, accumulation_steps=2, adaptive=True, grow_after=grow_after,
-        memory_budget=budget, output=tmp_path / "adapted.npz",
+        LENGTHS,
+        backend,
+        micro_batch_size=16,
+        accumulation_steps=2,
+        adaptive=True,
+        grow_after=grow_after,
+        memory_budget=budget,
+        output=tmp_path / "adapted.npz",
     )
 
     causes = [a.cause for a in adapted.adaptations]
     expected_cause = "oom" if backend == "torch" else "crash"
-    assert expected_cause in causes, f"no OOM under {budget / MIB:.0f} MiB (peak {adapted.peak_memory_bytes}): recalibrate"
+    assert expected_cause in causes, (
+        f"no OOM under {budget / MIB:.0f} MiB (peak {adapted.peak_memory_bytes}): recalibrate"
+    )
     if backend == "torch":
         assert "grow" in causes and causes.count("oom") >= 2 and adapted.restarts == 0
     else:
         assert causes == ["crash"] and adapted.restarts == 1
-    assert all(a.old_micro_batch * a.old_accumulation == a.new_micro_batch * a.new_accumulation == 32
-               for a in adapted.adaptations)
+    assert all(
+        a.old_micro_batch * a.old_accumulation == a.new_micro_batch * a.new_accumulation == 32
+        for a in adapted.adaptations
+    )
     assert all(a.effective_batch_size == 32 for a in adapted.adaptations)
     assert adapted.effective_batch_sizes == reference.effective_batch_sizes == [32]
     assert adapted.memory_budget_bytes == budget and adapted.peak_memory_bytes <= budget
@@ -332,11 +344,25 @@ def test_training_from_a_study_takes_its_recommendation_wall_and_budget(tmp_path
     storage = f"sqlite:///{tmp_path}/study.db"
     study = optuna.create_study(storage=storage, study_name="lengths", directions=["maximize", "minimize"])
     task = "tests.adaptive_tasks:crashing"  # a small model: micro-batches of 8 never crash
-    study.set_user_attr("autobatch", {"task": task, "backend": "torch", "device": "cpu",
-                                      "memory_budget_bytes": 3 * 2**30, "trial_budget": {"mixed_precision": False}})
+    study.set_user_attr(
+        "autobatch",
+        {
+            "task": task,
+            "backend": "torch",
+            "device": "cpu",
+            "memory_budget_bytes": 3 * 2**30,
+            "trial_budget": {"mixed_precision": False},
+        },
+    )
     study.set_user_attr("autobatch_probe", {"max_micro_batch": 24})
-    attrs = {"micro_batch_size": 8, "accumulation_steps": 2, "effective_batch_size": 16, "learning_rate": 0.02,
-             "feasible": True, "peak_memory_bytes": 2**29}
+    attrs = {
+        "micro_batch_size": 8,
+        "accumulation_steps": 2,
+        "effective_batch_size": 16,
+        "learning_rate": 0.02,
+        "feasible": True,
+        "peak_memory_bytes": 2**29,
+    }
     study.add_trial(optuna.trial.create_trial(values=[100.0, 0.5], user_attrs=attrs))
 
     result = train(task, "torch", study_name="lengths", storage=storage, max_samples=32, adaptive=True)
@@ -380,8 +406,16 @@ def test_a_framework_that_dies_of_an_oom_is_resumed_from_its_checkpoint_with_the
     reference = train(crashing, "torch", micro_batch_size=8, output=tmp_path / "small.npz", **options)  # never dies
     events: list[dict] = []
     adapted = train(
-        crashing, "torch", micro_batch_size=16, accumulation_steps=2, seed=6, adaptive=True, grow_after=None,
-        checkpoint_every=2, output=tmp_path / "adapted.npz", on_event=events.append,
+        crashing,
+        "torch",
+        micro_batch_size=16,
+        accumulation_steps=2,
+        seed=6,
+        adaptive=True,
+        grow_after=None,
+        checkpoint_every=2,
+        output=tmp_path / "adapted.npz",
+        on_event=events.append,
     )
     [crash] = adapted.adaptations
     [restart] = [event for event in events if event["event"] == "restart"]
@@ -418,9 +452,18 @@ def test_a_poisoned_onednn_is_left_behind_in_a_new_process(tmp_path):
     # PyTorch's oneDNN refuses every kernel after one "could not create a primitive": the batcher
     # does not redo the window in that process, and `train` redoes it in a new one, with the same math.
     options = {"micro_batch_size": 16, "accumulation_steps": 2, "seed": 6, "grow_after": None, "checkpoint_every": 2}
-    reference = train("tests.adaptive_tasks:crashing", "torch", micro_batch_size=8, accumulation_steps=4, seed=6,
-                      output=tmp_path / "small.npz")
-    adapted = train("tests.adaptive_tasks:poisoning", "torch", adaptive=True, output=tmp_path / "adapted.npz", **options)
+    # the reference weights, in small.npz
+    train(
+        "tests.adaptive_tasks:crashing",
+        "torch",
+        micro_batch_size=8,
+        accumulation_steps=4,
+        seed=6,
+        output=tmp_path / "small.npz",
+    )
+    adapted = train(
+        "tests.adaptive_tasks:poisoning", "torch", adaptive=True, output=tmp_path / "adapted.npz", **options
+    )
     [crash] = adapted.adaptations
     assert (crash.cause, crash.step, crash.old_micro_batch, crash.new_micro_batch) == ("crash", 4, 16, 8)
     assert "could not create a primitive" in crash.detail and adapted.restarts == 1
@@ -437,8 +480,20 @@ def test_the_cli_adapts_under_a_budget_and_without_adaptive_fails_cleanly(backen
     # once fitted 1.25 GiB, and fits 1.5 GiB about half of the time; 256 fits 1.1 GiB. At 1 GiB 512
     # never fits and it ends at 128. On the CPU it mostly dies of the OOM rather than raising it:
     # the run resumes in a new process.
-    command = ["train", "synthetic-images", "--backend", backend, "--micro-batch", "512", "--accumulation", "1",
-               "--memory-budget", budget, "--epochs", "1"]
+    command = [
+        "train",
+        "synthetic-images",
+        "--backend",
+        backend,
+        "--micro-batch",
+        "512",
+        "--accumulation",
+        "1",
+        "--memory-budget",
+        budget,
+        "--epochs",
+        "1",
+    ]
     done = run_cli(*command, "--adaptive", "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)

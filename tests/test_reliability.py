@@ -100,8 +100,9 @@ def test_ctrl_c_kills_the_trial_processes_fails_their_trials_and_exits_130(comma
     url = f"sqlite:///{tmp_path}/s.db"
     name, *extra = command.split()
     goal = ["--trials", "10"] if name == "tune" else ["--study-trials", "10"]
-    process = start_cli(name, *SLOW, *extra, *goal, "--storage", url, "--study-name", "ctrl-c", *FAST_HEARTBEAT,
-                        cwd=tmp_path)
+    process = start_cli(
+        name, *SLOW, *extra, *goal, "--storage", url, "--study-name", "ctrl-c", *FAST_HEARTBEAT, cwd=tmp_path
+    )
     workers = 2 if extra else 1
 
     def all_mid_trial():
@@ -130,30 +131,55 @@ def test_ctrl_c_kills_the_trial_processes_fails_their_trials_and_exits_130(comma
 
 
 def _nan_task_args():
-    return ["tests.reliability_tasks:nan_loss", "--backend", "torch", "--memory-budget", "2GiB", "--device", "cpu",
-            "--samples", "64"]
+    return [
+        "tests.reliability_tasks:nan_loss",
+        "--backend",
+        "torch",
+        "--memory-budget",
+        "2GiB",
+        "--device",
+        "cpu",
+        "--samples",
+        "64",
+    ]
 
 
 BAD_INPUTS = [
     # (label, command line after `autobatch`, what the error line must say)
-    ("bounds reversed", ["tune", *SYNTHETIC, "--min-micro-batch", "64", "--max-micro-batch", "8"],
-     "--max-micro-batch=8 is invalid: must be >= min_micro_batch (64); the bounds are reversed"),
+    (
+        "bounds reversed",
+        ["tune", *SYNTHETIC, "--min-micro-batch", "64", "--max-micro-batch", "8"],
+        "--max-micro-batch=8 is invalid: must be >= min_micro_batch (64); the bounds are reversed",
+    ),
     ("zero micro-batch bound", ["tune", *SYNTHETIC, "--min-micro-batch", "0"], "--min-micro-batch=0 is invalid"),
     ("zero accumulation bound", ["worker", *SYNTHETIC, "--max-accumulation", "0"], "--max-accumulation=0 is invalid"),
     ("unparsable budget", ["tune", *SYNTHETIC, "--memory-budget", "lots"], "--memory-budget='lots' is invalid"),
     ("negative trials", ["tune", *SYNTHETIC, "--trials", "-3"], "--trials=-3 is invalid: must be an integer >= 1"),
     ("negative trials (worker)", ["worker", *SYNTHETIC, "--trials", "-3"], "--trials=-3 is invalid"),
-    ("unknown sampler", ["tune", *SYNTHETIC, "--sampler", "annealing"], "--sampler='annealing' is invalid: must be one of"),
+    (
+        "unknown sampler",
+        ["tune", *SYNTHETIC, "--sampler", "annealing"],
+        "--sampler='annealing' is invalid: must be one of",
+    ),
     ("unknown task", ["tune", "no-such-task", "--device", "cpu"], "task='no-such-task': no study of that name"),
-    ("task that raises", ["tune", "tests.tasks:factory_raises", "--device", "cpu"],
-     "task='tests.tasks:factory_raises': tests.tasks:factory_raises raised ValueError: no data here"),
+    (
+        "task that raises",
+        ["tune", "tests.tasks:factory_raises", "--device", "cpu"],
+        "task='tests.tasks:factory_raises': tests.tasks:factory_raises raised ValueError: no data here",
+    ),
     ("NaN loss", ["tune", *_nan_task_args()], "the validation loss is nan in every probe"),
-    ("budget below micro-batch 1", ["tune", *SYNTHETIC[:-4], "--memory-budget", "8MiB", "--device", "cpu"],
-     "even micro-batch 1 does not fit the memory budget"),
+    (
+        "budget below micro-batch 1",
+        ["tune", *SYNTHETIC[:-4], "--memory-budget", "8MiB", "--device", "cpu"],
+        "even micro-batch 1 does not fit the memory budget",
+    ),
     ("zero workers", ["tune", *SYNTHETIC, "--workers", "0"], ("--workers=0 is invalid", "n_workers=0 is invalid")),
     ("worker without a goal", ["worker", *SYNTHETIC], "give --trials, --study-trials or --timeout"),
-    ("grace not above the heartbeat", ["tune", *SYNTHETIC, "--heartbeat-interval", "5", "--grace-period", "5"],
-     ("--grace-period=5 is invalid: must be longer than", "grace_period=5 is invalid: must be longer than")),
+    (
+        "grace not above the heartbeat",
+        ["tune", *SYNTHETIC, "--heartbeat-interval", "5", "--grace-period", "5"],
+        ("--grace-period=5 is invalid: must be longer than", "grace_period=5 is invalid: must be longer than"),
+    ),
 ]
 
 
@@ -168,8 +194,26 @@ def kept_storage(tmp_path_factory):
     folder = tmp_path_factory.mktemp("kept")
     url = f"sqlite:///{folder}/kept.db"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-m", "autobatch", "tune", *SYNTHETIC, "--trials", "2", "--storage", url,
-                           "--study-name", "kept"], capture_output=True, text=True, cwd=folder, env=env, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "autobatch",
+            "tune",
+            *SYNTHETIC,
+            "--trials",
+            "2",
+            "--storage",
+            url,
+            "--study-name",
+            "kept",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=folder,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     foreign = optuna.create_study(study_name="foreign", storage=url)
     foreign.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=3)
@@ -194,9 +238,16 @@ def test_bad_input_gives_one_line_and_leaves_the_storage_as_it_was(label, args, 
 @pytest.mark.parametrize(
     "label, args, expected",
     [
-        ("study of another kind", ["--study-name", "foreign"], "'foreign' already exists and is not an autobatch study"),
-        ("same name, other budget", ["--study-name", "kept", "--memory-budget", "300MiB"],
-         "study_name='kept' was made for memory_budget_bytes=268435456, not 314572800"),
+        (
+            "study of another kind",
+            ["--study-name", "foreign"],
+            "'foreign' already exists and is not an autobatch study",
+        ),
+        (
+            "same name, other budget",
+            ["--study-name", "kept", "--memory-budget", "300MiB"],
+            "study_name='kept' was made for memory_budget_bytes=268435456, not 314572800",
+        ),
     ],
 )
 def test_a_study_name_of_another_kind_is_refused(label, args, expected, kept_storage, run_cli):
@@ -209,8 +260,11 @@ def test_a_study_name_of_another_kind_is_refused(label, args, expected, kept_sto
 @pytest.mark.parametrize(
     "label, url, expected",
     [
-        ("unreachable database", "postgresql+psycopg://autobatch:secret@127.0.0.1:1/none",
-         "storage='postgresql+psycopg://autobatch:***@127.0.0.1:1/none' cannot be opened: OperationalError"),
+        (
+            "unreachable database",
+            "postgresql+psycopg://autobatch:secret@127.0.0.1:1/none",
+            "storage='postgresql+psycopg://autobatch:***@127.0.0.1:1/none' cannot be opened: OperationalError",
+        ),
         ("unwritable SQLite path", "sqlite:////proc/autobatch-test.db", "'sqlite:////proc/autobatch-test.db'"),
         ("SQLite path under a file", "sqlite:///{tmp}/a-file/s.db", "is not a folder"),
         ("SQLite folder missing", "sqlite:///{tmp}/missing/s.db", "does not exist"),
@@ -227,13 +281,13 @@ def test_a_storage_that_cannot_be_opened_is_named(command, label, url, expected,
 
 
 @pytest.mark.distributed
-def test_a_wrong_postgres_password_is_named_and_the_study_is_left_alone(postgres_url, run_cli):
+def test_a_wrong_postgres_password_is_named_and_the_study_is_left_alone(postgres_url, run_cli):  # noqa: F811
     storage_study = optuna.create_study(study_name="kept", storage=postgres_url)
     storage_study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
     wrong = postgres_url.replace("://autobatch:", "://autobatch:wrong", 1)
     for command in ("tune", "worker"):
         done = run_cli(command, *SYNTHETIC, "--storage", wrong, "--study-name", "kept", "--trials", "2")
-        _assert_one_line_error(done, command, "password authentication failed for user \"autobatch\"")
+        _assert_one_line_error(done, command, 'password authentication failed for user "autobatch"')
         assert "wrong" not in done.stderr
     assert trial_count(postgres_url) == 2
 
@@ -245,3 +299,47 @@ def _assert_one_line_error(done, command, expected):
     options = (expected,) if isinstance(expected, str) else expected  # the flag, or the parameter's name
     assert lines[0].startswith(f"autobatch {command}: error: ") and any(o in lines[0] for o in options), lines[0]
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", ["tune", "worker"])
+def test_a_process_killed_with_sigkill_leaves_nothing_in_the_temp_folder(command, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.reliability_tasks import ROOT, wait_until
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    goal = ["--trials", "8"] if command == "tune" else ["--study-trials", "8"]
+    env = dict(os.environ, TMPDIR=str(temp), PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "autobatch",
+            command,
+            *SLOW,
+            *goal,
+            "--storage",
+            url,
+            "--study-name",
+            "killed",
+            *FAST_HEARTBEAT,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+        env=env,
+    )
+    try:
+        wait_until(lambda: running_trial_of(url, "killed", process.pid), 120, "a trial running")
+        children = psutil.Process(process.pid).children(recursive=True)
+        assert children
+    finally:
+        process.kill()  # SIGKILL: no chance to clean up after itself
+        process.wait()
+    gone, alive = psutil.wait_procs(children, timeout=60)  # each notices its parent is gone, and ends
+    assert not alive, [p.cmdline() for p in alive]
+    # The lock folder is shared by every run of this user, by design, and stays after a clean exit too.
+    assert [p.name for p in temp.iterdir() if not p.name.startswith("autobatch-locks-")] == []

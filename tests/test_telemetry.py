@@ -33,7 +33,9 @@ class FakeNvml:
             "nvmlDeviceGetHandleByIndex": lambda index: self._handle(("index", index)),
             "nvmlDeviceGetHandleByUUID": lambda uuid: self._handle(("uuid", uuid)),
             "nvmlDeviceGetName": lambda handle: b"Fake GPU",
-            "nvmlDeviceGetMemoryInfo": lambda handle: SimpleNamespace(total=total, used=self.used, free=total - self.used),
+            "nvmlDeviceGetMemoryInfo": lambda handle: SimpleNamespace(
+                total=total, used=self.used, free=total - self.used
+            ),
             "nvmlDeviceGetUtilizationRates": lambda handle: SimpleNamespace(gpu=self.gpu, memory=self.memory),
             "nvmlDeviceGetPowerUsage": self._power,
             "nvmlDeviceGetClockInfo": lambda handle, clock: self.clock,
@@ -52,7 +54,13 @@ class FakeNvml:
         return self.milliwatts
 
     def set(self, used_gib, gpu, memory, watts, clock):
-        self.used, self.gpu, self.memory, self.milliwatts, self.clock = int(used_gib * GIB), gpu, memory, watts * 1000, clock
+        self.used, self.gpu, self.memory, self.milliwatts, self.clock = (
+            int(used_gib * GIB),
+            gpu,
+            memory,
+            watts * 1000,
+            clock,
+        )
 
 
 @pytest.fixture
@@ -112,7 +120,7 @@ def test_nvml_reads_the_gpu_that_cuda_visible_devices_names(fake_nvml, monkeypat
 
 
 def test_devices_lists_what_nvml_sees_and_budgets_are_shares_of_it(fake_nvml, monkeypatch):
-    from autobatch.cli.devices import device_report, devices_text
+    from autobatch.report.devices import device_report, devices_text
 
     pynvml = fake_nvml.pynvml
     monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: 1)
@@ -171,15 +179,30 @@ def test_the_cli_summary_and_the_note_carry_the_advice():
 
     settings = {"task": "t", "backend": "torch", "device": "cuda:0", "trial_budget": {"num_workers": 2}}
     recommended = {
-        "trial_number": 3, "micro_batch_size": 64, "accumulation_steps": 1, "learning_rate": 1e-3,
-        "effective_batch_size": 64, "throughput": 900.0, "val_loss": 0.5, "peak_memory_bytes": GIB,
+        "trial_number": 3,
+        "micro_batch_size": 64,
+        "accumulation_steps": 1,
+        "learning_rate": 1e-3,
+        "effective_batch_size": 64,
+        "throughput": 900.0,
+        "val_loss": 0.5,
+        "peak_memory_bytes": GIB,
         "telemetry": {"mean_gpu_utilization": 35.0, "telemetry_samples": 50},
     }
     study = SimpleNamespace(user_attrs={"autobatch": settings}, get_trials=lambda **kwargs: [])
     result = SimpleNamespace(
-        study=study, study_name="s", storage="sqlite:///x.db", memory_budget_bytes=2 * GIB, max_micro_batch=128,
-        n_trials=4, n_oom_trials=0, n_failed_trials=0, pareto_front=[recommended], recommended=recommended,
-        probe={}, costs={},
+        study=study,
+        study_name="s",
+        storage="sqlite:///x.db",
+        memory_budget_bytes=2 * GIB,
+        max_micro_batch=128,
+        n_trials=4,
+        n_oom_trials=0,
+        n_failed_trials=0,
+        pareto_front=[recommended],
+        recommended=recommended,
+        probe={},
+        costs={},
     )
     [line] = [line for line in summary_text(result).splitlines() if line.startswith("Advice:")]
     assert "35% utilization" in line and "more than --num-workers 2" in line
@@ -187,12 +210,21 @@ def test_the_cli_summary_and_the_note_carry_the_advice():
 
 
 def test_a_search_trial_stores_its_telemetry_as_user_attrs():
-    from autobatch.search.study import _trial_outcome
+    from autobatch.search.results import trial_outcome as _trial_outcome
 
     result = TrialResult(
-        "ok", TrialConfig(8), samples_per_second=10.0, val_loss=0.5, peak_memory_bytes=MIB,
-        telemetry={"samples": 12, "peak_device_memory_bytes": 3 * GIB, "mean_gpu_utilization": 42.5,
-                   "peak_rss_bytes": 500 * MIB, "notes": ["NVML cannot read power on this GPU"]},
+        "ok",
+        TrialConfig(8),
+        samples_per_second=10.0,
+        val_loss=0.5,
+        peak_memory_bytes=MIB,
+        telemetry={
+            "samples": 12,
+            "peak_device_memory_bytes": 3 * GIB,
+            "mean_gpu_utilization": 42.5,
+            "peak_rss_bytes": 500 * MIB,
+            "notes": ["NVML cannot read power on this GPU"],
+        },
     )
     attrs, *_ = _trial_outcome(result.config, result, MIB, GIB, {"backend": "torch", "device": "cuda:0"})
     assert attrs["peak_device_memory_bytes"] == 3 * GIB and attrs["mean_gpu_utilization"] == 42.5
@@ -302,8 +334,10 @@ def test_importing_the_device_modules_imports_no_framework():
     import sys
 
     code = (
-        "import sys, autobatch.process.telemetry, autobatch.cli.devices, autobatch.core.devices;"
+        "import sys, autobatch.process.telemetry, autobatch.cli.devices, autobatch.report.devices, autobatch.core.devices;"
         "print([m for m in ('torch', 'tensorflow', 'keras') if m in sys.modules])"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=dict(os.environ))
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=dict(os.environ)
+    )
     assert done.stdout.strip() == "[]"

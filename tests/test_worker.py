@@ -1,7 +1,7 @@
 """The trial worker: a real budget, real OOMs, and failures that come back as results."""
 
 import json
-import os
+import re
 
 import pytest
 
@@ -67,7 +67,9 @@ def test_bad_arguments_fail_in_the_caller_before_any_worker_starts():
 
 
 def test_cli_trial_reports_oom_as_json_with_exit_zero(run_cli):
-    done = run_cli("trial", "synthetic-images", "--backend", "torch", "--micro-batch", "4096", "--memory-budget", "1GiB", "--json")
+    done = run_cli(
+        "trial", "synthetic-images", "--backend", "torch", "--micro-batch", "4096", "--memory-budget", "1GiB", "--json"
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["status"] == "oom" and result["oom_phase"] == "train"
@@ -134,3 +136,21 @@ def test_a_reused_worker_gives_each_trial_its_own_clean_start():
     assert again.peak_memory_bytes == pytest.approx(first.peak_memory_bytes, rel=0.05)
     assert again.val_loss == pytest.approx(first.val_loss, rel=1e-6)
     assert first.timings["framework_import"] > 0 and again.timings["framework_import"] == 0
+
+
+@pytest.mark.parametrize("command", ["trial", "tune"])
+def test_a_budget_below_what_the_framework_needs_to_load_is_one_clear_line(command, run_cli, tmp_path):
+    from tests.reliability_tasks import error_lines
+
+    task = ["digits-mlp", "--backend", "torch", "--memory-budget", "1KiB", "--device", "cpu"]
+    goal = (
+        ["--micro-batch", "4"] if command == "trial" else ["--trials", "2", "--storage", f"sqlite:///{tmp_path}/s.db"]
+    )
+    done = run_cli(command, *task, *goal)
+    assert done.returncode == 2, done.stderr[-3000:]
+    [line] = error_lines(done.stderr, command)
+    assert line.startswith(f"autobatch {command}: error: --memory-budget="), line
+    assert re.search(r"must exceed the [\d.]+ MiB that torch needs to import and load the task", line), line
+    assert "Traceback" not in done.stderr and "load_error" not in done.stderr
+    if command == "trial":  # the worker's own budget, as given (tune's probes run under a share of it)
+        assert done.stderr.strip() == line and "'1KiB'" in line

@@ -21,6 +21,8 @@ import threading
 import time
 from typing import Any
 
+from autobatch._validation import Interval, check_param
+
 #: seconds between samples
 DEFAULT_INTERVAL = 0.1
 #: seconds between scans for new child processes (a scan reads every process in /proc)
@@ -82,10 +84,7 @@ class TelemetrySampler:
     """
 
     def __init__(self, device: str = "cpu", interval: float = DEFAULT_INTERVAL, *, pid: int | None = None):
-        if not (isinstance(interval, (int, float)) and interval > 0):
-            from autobatch.errors import InvalidParameterError
-
-            raise InvalidParameterError("interval", interval, "must be a number of seconds > 0")
+        check_param("interval", interval, Interval(float, 0, None, closed="neither", unit="seconds"))
         self.device = device
         self.interval = float(interval)
         self.phase = "setup"
@@ -105,13 +104,13 @@ class TelemetrySampler:
         self._seconds = 0.0
         self._summary: dict[str, Any] | None = None
 
-    def __enter__(self) -> "TelemetrySampler":
+    def __enter__(self) -> TelemetrySampler:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
 
-    def start(self) -> "TelemetrySampler":
+    def start(self) -> TelemetrySampler:
         """Open the sources, take the first sample now, and sample in the background from here on."""
         if self._started_at is not None:
             return self
@@ -283,26 +282,34 @@ def advice(
     return lines
 
 
-def _gpu_advice(telemetry: dict, utilization: float, backend: str | None, num_workers: int, mixed_precision: bool) -> str:
+def _gpu_advice(
+    telemetry: dict, utilization: float, backend: str | None, num_workers: int, mixed_precision: bool
+) -> str:
     peak = telemetry.get("max_gpu_utilization")
     seen = f"keeps the GPU at {utilization:.0f}% utilization on average while training" + (
         f" (at most {peak:.0f}%)" if peak is not None else ""
     )
     if utilization < LOW_GPU_UTILIZATION:
         if backend == "tensorflow":
-            fix = ("the tf.data pipeline prefetches already: do decoding and augmentation in it with "
-                   "num_parallel_calls=tf.data.AUTOTUNE, or cache the data")
+            fix = (
+                "the tf.data pipeline prefetches already: do decoding and augmentation in it with "
+                "num_parallel_calls=tf.data.AUTOTUNE, or cache the data"
+            )
         elif num_workers == 0:
             fix = "try --num-workers 4 (DataLoader worker processes; pin_memory is on with CUDA already)"
         else:
             fix = f"try more than --num-workers {num_workers}, and check that pin_memory stays on"
         host = telemetry.get("mean_cpu_percent")
         busy = f"; the training process uses {host / 100:.1f} CPU cores" if host is not None else ""
-        return (f"The recommended config {seen}: the GPU waits for its input, so the input pipeline is the "
-                f"bottleneck{busy}. {fix[0].upper()}{fix[1:]}.")
+        return (
+            f"The recommended config {seen}: the GPU waits for its input, so the input pipeline is the "
+            f"bottleneck{busy}. {fix[0].upper()}{fix[1:]}."
+        )
     if utilization < HIGH_GPU_UTILIZATION:
-        return (f"The recommended config {seen}: some headroom is left; more data-loading workers "
-                "(--num-workers) or a larger micro-batch may still add speed.")
+        return (
+            f"The recommended config {seen}: some headroom is left; more data-loading workers "
+            "(--num-workers) or a larger micro-batch may still add speed."
+        )
     precision = "" if mixed_precision else " --mixed-precision may still be faster (tensor cores)."
     return f"The recommended config {seen}: it is compute bound, and a larger batch adds little speed.{precision}"
 
@@ -312,9 +319,13 @@ def _cpu_advice(telemetry: dict, backend: str | None) -> str:
     used = telemetry["mean_cpu_percent"] / 100
     seen = f"The recommended config used {used:.1f} of {cores} usable CPU cores on average while training"
     if used < LOW_CPU_SHARE * cores:
-        threads = "torch.set_num_threads / OMP_NUM_THREADS" if backend != "tensorflow" else "TensorFlow's intra-op threads"
-        return (f"{seen}: the CPU is mostly idle. Check the framework's thread count ({threads}), whether other "
-                "processes hold the rest, or try larger micro-batches, which cost less per sample in overhead.")
+        threads = (
+            "torch.set_num_threads / OMP_NUM_THREADS" if backend != "tensorflow" else "TensorFlow's intra-op threads"
+        )
+        return (
+            f"{seen}: the CPU is mostly idle. Check the framework's thread count ({threads}), whether other "
+            "processes hold the rest, or try larger micro-batches, which cost less per sample in overhead."
+        )
     if used >= HIGH_CPU_SHARE * cores:
         return f"{seen}: the CPU is saturated, so the trial is compute bound; a GPU is where more speed lies."
     return f"{seen}: some cores stay idle; data loading or per-step overhead takes part of the time."

@@ -1,8 +1,10 @@
-"""The trial worker's child side: ``python -m autobatch.process.trial_child SETUP.json``.
+"""The trial worker's child side: :func:`main` in a new interpreter, given its request pipe.
 
-It caps its own memory before importing a framework, imports the backend and loads
-the task, then serves trials: it reads one request per line from its request pipe
-and writes one :class:`TrialResult` as JSON per line to its result pipe.
+Its first line on the request pipe is its setup. It caps its own memory before importing a
+framework (:func:`autobatch.process.child.enter_child`), imports the backend and loads the
+task, then serves trials: it reads one request per line from its request pipe and writes
+one :class:`TrialResult` as JSON per line to its result pipe. Where it is (loading, then a
+trial's phase) it writes into its phase file, for the parent to read if it dies.
 
 Where the backend allows it (``Backend.fork_safe``), each trial runs in a process
 forked from this one: a copy of a process that has paid the framework import and
@@ -10,12 +12,15 @@ the data load, but has run nothing yet. Every trial thus starts from the same cl
 state, as a fresh process would, and its peak memory is its own; only the start-up
 cost is shared. Otherwise this process runs one trial and exits. Every failure
 becomes a result; a trial process that dies is reported by a ``died`` record with
-its wait status, which the parent classifies.
+its wait status, which the parent classifies. A result whose trial could not start because
+the framework or the task failed to load says so (``extras["load_failed"]``): under a
+budget too small to load in, no trial could ever run, and the parent says that instead.
 
 A time-budgeted trial also writes an ``intermediate`` record per evaluation before its
 last, then waits for one line back on the request pipe, ``{"prune": bool}``: the
 parent holds the Optuna trial, so the pruner decides there (autobatch.core.schedule). The
 server process waits for its fork meanwhile, so only the trial process reads that line.
+Once the parent is gone (its end of the pipes closed), the child stops.
 """
 
 from __future__ import annotations
@@ -23,28 +28,52 @@ from __future__ import annotations
 import gc
 import json
 import os
-import resource
-import sys
 import time
 import traceback
+from typing import TYPE_CHECKING
+
+from autobatch.process.child import CpuPeakMeter, enter_child, memory_status
+
+if TYPE_CHECKING:
+    from autobatch.backends.base import Backend
+    from autobatch.tasks.workload import Workload
+
+#: the phase of a child that is still importing the framework and loading the task
+LOAD_PHASE = "load"
+_PHASE_BYTES = 32
 
 
-def main(setup_path: str) -> int:
+def main(request_fd: str) -> int:
+    """Serve trials from the request pipe ``request_fd`` (a number) until the parent closes it."""
     started_at = time.perf_counter()
-    with open(setup_path) as handle:
-        setup = json.load(handle)
-    budget_bytes = setup.get("memory_budget_bytes")
-    if budget_bytes and setup["device"] == "cpu":
-        # The whole process counts: the budget is what a trial may use in all.
-        resource.setrlimit(resource.RLIMIT_DATA, (budget_bytes, budget_bytes))
-    for entry in reversed(setup.get("sys_path", [])):
-        if entry not in sys.path:
-            sys.path.insert(0, entry)
-    requests = os.fdopen(setup["request_fd"], "r")
+    requests = os.fdopen(int(request_fd), "r")
+    setup = json.loads(requests.readline() or "{}")
+    if not setup:
+        return 0  # the parent went away before it sent the setup
+    enter_child(setup)
     results = os.fdopen(setup["result_fd"], "w")
+    try:
+        return _serve(setup, requests, results, started_at)
+    except BrokenPipeError:
+        return 0  # the parent is gone: nobody is waiting for a result
 
+
+def write_phase(phase_fd: int, phase: str) -> None:
+    """Say where the trial is, in place: the file is shared with the parent and with forked trials."""
+    os.pwrite(phase_fd, phase.encode().ljust(_PHASE_BYTES), 0)
+
+
+def read_phase(phase_fd: int) -> str:
+    try:
+        return os.pread(phase_fd, _PHASE_BYTES, 0).decode(errors="replace").strip() or "setup"
+    except OSError:
+        return "setup"
+
+
+def _serve(setup: dict, requests, results, started_at: float) -> int:
     worker = _Worker(setup, _StudyLine(requests, results))
     worker.prepare()
+    write_phase(setup["phase_fd"], "setup")
     fork = setup.get("fork", True) and worker.fork_safe
     start_cost = {"worker_start": started_at - _process_start_time(), **worker.load_timings}
     for line in requests:
@@ -103,18 +132,17 @@ class _Worker:
         self.setup = setup
         self.study_line = study_line
         self.device = setup["device"]
-        self.phase_path = setup["phase_path"]
-        self.backend = None
-        self.workload = None
+        self.phase_fd = setup["phase_fd"]
+        self.backend: Backend | None = None
+        self.workload: Workload | None = None
         self.load_error: BaseException | None = None
         self.load_timings: dict[str, float] = {}
-        self.clean_data_bytes: int | None = None  # VmData at the start of the trial
-        self.start: int | None = None  # VmRSS at the start of the trial
+        self.memory = CpuPeakMeter()  # started where the trial starts
         self.telemetry = None  # the running trial's TelemetrySampler, if any
 
     @property
     def fork_safe(self) -> bool:
-        return self.load_error is None and bool(self.backend.fork_safe(self.device))
+        return self.load_error is None and self.backend is not None and bool(self.backend.fork_safe(self.device))
 
     def prepare(self) -> None:
         """Import the framework and load the task; a failure is reported by the first trial."""
@@ -151,6 +179,7 @@ class _Worker:
             progress.phase = "setup"
             if self.load_error is not None:
                 raise self.load_error
+            assert self.backend is not None and self.workload is not None
             budget_bytes = self.setup.get("memory_budget_bytes")
             if budget_bytes and self.device != "cpu":
                 self.backend.apply_memory_cap(budget_bytes, self.device)
@@ -189,51 +218,33 @@ class _Worker:
                 error=detail[:4000],
                 timings=timings,
             )
+        if self.load_error is not None:
+            result.extras["load_failed"] = True
         result.telemetry = self._stop_telemetry()
         result.framework = getattr(self.backend, "name", None) or self.setup["backend"]
         result.device = self.device
         result.baseline_memory_bytes = baseline.get("bytes")
         # This process's own high-water mark. The parent's wait4 figure is no substitute: it
         # also counts the pages this process shared with its parent before exec.
-        result.peak_resident_bytes = _memory_status().get("VmHWM")
+        result.peak_resident_bytes = memory_status().get("VmHWM")
         if self.backend is not None and self.device != "cpu":
             result.peak_memory_bytes = self.backend.peak_memory_bytes(self.device)
-        elif result.peak_resident_bytes is not None and self.start is not None:
-            result.peak_memory_bytes = self._as_data_bytes(result.peak_resident_bytes)
+        else:
+            result.peak_memory_bytes = self.memory.as_data_bytes(result.peak_resident_bytes)
         return result
-
-    # On the CPU, RLIMIT_DATA counts the data segment (VmData), which Linux keeps no
-    # peak of; resident memory (VmRSS) has one (VmHWM) that can be reset. The two
-    # differ by reservations never touched (thread arenas, BLAS buffers) and by
-    # resident pages of mapped library files (TensorFlow's), a difference that holds
-    # still while a trial runs. So a trial's peak is read as its data segment at the
-    # start plus how far resident memory rose during the trial.
 
     def _note_start(self) -> None:
         """Record where this trial starts from, and start its peak there."""
-        status = _memory_status()
-        if "VmData" in status and "VmRSS" in status:
-            self.clean_data_bytes, self.start = status["VmData"], status["VmRSS"]
-        if self.device == "cpu":
-            try:
-                with open("/proc/self/clear_refs", "w") as handle:
-                    handle.write("5")  # resets VmHWM to the current resident size
-            except OSError:
-                pass
-        else:
+        self.memory.start(reset_peak=self.device == "cpu")
+        if self.device != "cpu" and self.backend is not None:
             self.backend.reset_peak_memory(self.device)
 
-    def _as_data_bytes(self, resident_bytes: int) -> int:
-        return self.clean_data_bytes + max(0, resident_bytes - self.start)
-
     def _mark_baseline(self, baseline: dict) -> None:
-        current = self.backend.current_memory_bytes(self.device)
+        current = self.backend.current_memory_bytes(self.device) if self.backend is not None else None
+        if current is None:
+            current = self.memory.current_bytes()
         if current is not None:
             baseline["bytes"] = current
-            return
-        resident = _memory_status().get("VmRSS")
-        if resident is not None and self.start is not None:
-            baseline["bytes"] = self._as_data_bytes(resident)
 
     def _is_oom(self, error: BaseException) -> bool:
         if self.backend is None:
@@ -260,8 +271,7 @@ class _Worker:
     def _write_phase(self, phase: str) -> None:
         if self.telemetry is not None:
             self.telemetry.phase = phase
-        with open(self.phase_path, "w") as handle:
-            handle.write(phase)
+        write_phase(self.phase_fd, phase)
 
 
 def _start_telemetry(device: str):
@@ -276,20 +286,6 @@ def _start_telemetry(device: str):
         return None
 
 
-def _memory_status() -> dict[str, int]:
-    """VmData, VmRSS, VmHWM and friends from /proc/self/status, in bytes."""
-    values: dict[str, int] = {}
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                key, _, rest = line.partition(":")
-                if key.startswith("Vm"):
-                    values[key] = int(rest.split()[0]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return values
-
-
 def _process_start_time() -> float:
     """perf_counter() value at which this process started, from its age."""
     try:
@@ -299,7 +295,3 @@ def _process_start_time() -> float:
         return time.perf_counter() - age
     except Exception:
         return time.perf_counter()
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))

@@ -1,15 +1,22 @@
 """Run trials in a child process under a real memory budget.
 
-The child (``python -m autobatch.process.trial_child``) sets ``RLIMIT_DATA`` to the budget
+The child (``autobatch.process.trial_child``) sets ``RLIMIT_DATA`` to the budget
 before importing any framework when it runs on the CPU, or asks the backend to cap
 the device's allocator on a GPU. Whatever happens to it (an OOM, a signal, an
 exception in user code, a trial over its time limit) comes back here as a
 :class:`TrialResult`; the parent never crashes and never holds the child's memory.
+A budget too small for the framework to import and the task to load is the one
+exception: no trial can run under it, so it is bad input (:class:`InvalidParameterError`).
 
 A :class:`TrialWorker` keeps its child between trials, so the framework import and
 the task's data load are paid once, not per trial: where the backend allows it, the
 child forks a fresh copy of itself for each trial (see ``autobatch.process.trial_child``),
 so every trial still starts from the same clean state and its peak is its own.
+
+The worker leaves nothing on disk, however it or its child ends (``kill -9`` included):
+the child's setup goes down its request pipe, and its log and phase are files that have
+no name in the temp folder (``tempfile.TemporaryFile``), gone with the last process that
+holds them open.
 """
 
 from __future__ import annotations
@@ -17,22 +24,32 @@ from __future__ import annotations
 import json
 import os
 import select
-import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
+from typing import IO
 
+from autobatch._validation import Interval, check_param
 from autobatch.core.config import TrialBudget, TrialConfig, TrialResult
-from autobatch.errors import InvalidParameterError
 from autobatch.core.memory import MemoryBudget
 from autobatch.core.registry import backend_path
+from autobatch.process.child import (
+    budget_as_given,
+    budget_below_load_error,
+    child_setup,
+    kill_process_group,
+    last_line,
+    log_tail,
+    start_child,
+)
+from autobatch.process.trial_child import LOAD_PHASE, read_phase, write_phase
+
+__all__ = ["OOM_SIGNATURES", "TrialWorker", "run_trial"]
 
 # Texts by which a child that died without writing its result shows it ran out of memory.
-_OOM_SIGNATURES = (
+OOM_SIGNATURES = (
     "can't allocate memory",
     "MemoryError",
     "std::bad_alloc",
@@ -51,7 +68,7 @@ def run_trial(
     backend: str,
     config: TrialConfig,
     *,
-    memory_budget: "str | int | MemoryBudget | None" = None,
+    memory_budget: str | int | MemoryBudget | None = None,
     budget: TrialBudget | None = None,
     device: str | None = None,
     timeout: float | None = None,
@@ -74,7 +91,7 @@ class TrialWorker:
         task: str,
         backend: str,
         *,
-        memory_budget: "str | int | MemoryBudget | None" = None,
+        memory_budget: str | int | MemoryBudget | None = None,
         device: str | None = None,
         verbose: bool = False,
         fork: bool = True,
@@ -90,14 +107,17 @@ class TrialWorker:
         self.device = device
         self.verbose = verbose
         self.fork = fork
-        self.memory_budget_bytes = MemoryBudget.parse(memory_budget).resolve(device) if memory_budget is not None else None
-        self._workdir = Path(tempfile.mkdtemp(prefix="autobatch-worker-"))
+        self.memory_budget = budget_as_given(memory_budget)  # for messages
+        self.memory_budget_bytes = (
+            MemoryBudget.parse(memory_budget).resolve(device) if memory_budget is not None else None
+        )
         self._process: subprocess.Popen | None = None
-        self._requests = None
-        self._results = None
-        self._log = None
+        self._requests: IO[str] | None = None
+        self._results: IO[str] | None = None
+        self._log: IO[bytes] | None = None  # what the child prints
+        self._phase: IO[bytes] | None = None  # where the running trial is (see trial_child.write_phase)
 
-    def __enter__(self) -> "TrialWorker":
+    def __enter__(self) -> TrialWorker:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -116,82 +136,80 @@ class TrialWorker:
         A time-budgeted trial (``budget.train_seconds``) reports its intermediate
         validation losses: ``on_report(step, val_loss, train_seconds)`` is called for
         each, here, and returning True stops the trial (pruned). Without it, trials go on.
+
+        Raises :class:`InvalidParameterError` for a ``memory_budget`` under which the
+        framework cannot even import and the task load: no trial could run under it.
         """
         budget = budget or TrialBudget()
-        if timeout is not None and not timeout > 0:
-            raise InvalidParameterError("timeout", timeout, "must be a number of seconds > 0, or None")
+        check_param("timeout", timeout, [Interval(float, 0, None, closed="neither", unit="seconds"), None])
         return self._run_once(config, budget, timeout, on_report)
 
     def close(self) -> None:
         """Stop the child (if any). The worker starts a new one on its next trial."""
         if self._process is not None:
-            _kill(self._process)
+            kill_process_group(self._process)
             if self._process.returncode is None:
                 try:
                     os.wait4(self._process.pid, 0)
                 except ChildProcessError:
                     pass
                 self._process.returncode = -9
-        for handle in (self._requests, self._results, self._log):
+        for handle in (self._requests, self._results, self._log, self._phase):
             if handle is not None:
                 handle.close()
-        self._process = self._requests = self._results = self._log = None
+        self._process = self._requests = self._results = self._log = self._phase = None
 
     def __del__(self) -> None:
         try:
             self.close()
-            shutil.rmtree(self._workdir, ignore_errors=True)
         except Exception:
             pass
 
     def _start(self) -> None:
         request_read, request_write = os.pipe()
         result_read, result_write = os.pipe()
+        self._log = tempfile.TemporaryFile(prefix="autobatch-worker-")
+        self._phase = tempfile.TemporaryFile(prefix="autobatch-worker-")
+        write_phase(self._phase.fileno(), LOAD_PHASE)
         setup = {
+            **child_setup(self.device, self.memory_budget_bytes),
             "task": self.task,
             "backend": self.backend,
-            "device": self.device,
-            "memory_budget_bytes": self.memory_budget_bytes,
-            "sys_path": [p for p in sys.path if p],
-            "phase_path": str(self._workdir / "phase"),
             "fork": self.fork,
-            "request_fd": request_read,
             "result_fd": result_write,
+            "phase_fd": self._phase.fileno(),
         }
-        setup_path = self._workdir / "setup.json"
-        setup_path.write_text(json.dumps(setup))
-        env = dict(os.environ)
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's start-up chatter stays out of the log
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        self._log = open(self._workdir / "log.txt", "wb")
-        output = None if self.verbose else self._log
         try:
-            self._process = subprocess.Popen(
-                [sys.executable, "-m", "autobatch.process.trial_child", str(setup_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=output,
-                env=env,
-                pass_fds=(request_read, result_write),
-                start_new_session=True,  # Ctrl-C reaches us, and we stop the child ourselves
+            self._process = start_child(
+                "autobatch.process.trial_child:main",
+                str(request_read),
+                output=None if self.verbose else self._log,
+                pass_fds=(request_read, result_write, self._phase.fileno()),
             )
         finally:
             os.close(request_read)
             os.close(result_write)
         self._requests = os.fdopen(request_write, "w")
         self._results = os.fdopen(result_read, "r")
+        self._send(setup)  # the child's first line: its setup
+
+    def _send(self, message: dict) -> None:
+        assert self._requests is not None
+        try:
+            self._requests.write(json.dumps(message) + "\n")
+            self._requests.flush()
+        except BrokenPipeError:
+            pass  # the child is gone already; waiting for its result tells how
 
     def _run_once(self, config: TrialConfig, budget: TrialBudget, timeout: float | None, on_report=None) -> TrialResult:
         if self._process is None:
-            self._start()
-        log_offset = (self._workdir / "log.txt").stat().st_size
-        (self._workdir / "phase").write_text("setup")
+            self._start()  # its phase says it is loading until it has loaded
+        elif self._phase is not None:
+            write_phase(self._phase.fileno(), "setup")
+        assert self._log is not None and self._phase is not None
+        log_offset = os.fstat(self._log.fileno()).st_size
         started = time.perf_counter()
-        try:
-            self._requests.write(json.dumps({"config": config.to_dict(), "budget": budget.to_dict()}) + "\n")
-            self._requests.flush()
-        except BrokenPipeError:
-            pass  # the child is gone already; waiting below tells how
+        self._send({"config": config.to_dict(), "budget": budget.to_dict()})
         try:
             line, status, rusage, timed_out = self._wait_for_result(timeout, on_report)
         except BaseException:
@@ -199,18 +217,23 @@ class TrialWorker:
             raise
         wall = time.perf_counter() - started
 
-        log_tail = _tail(self._workdir / "log.txt", start=log_offset)
+        logged = log_tail(self._log, start=log_offset)
+        phase = read_phase(self._phase.fileno())
         record = json.loads(line) if line else {}
         if record and not record.get("died"):
             result = TrialResult.from_dict(record)
+            if result.extras.pop("load_failed", False):
+                self._refuse_budget_below_load()
         else:
             if record:
                 status = record["wait_status"]
                 rusage_kib = record["maxrss_kib"]
             else:
                 rusage_kib = rusage.ru_maxrss if rusage is not None else None
-            phase = _read_phase(self._workdir / "phase")
-            result = _result_without_report(config, status, timed_out, timeout, phase, log_tail)
+            if phase == LOAD_PHASE and not timed_out:
+                self._refuse_budget_below_load()
+            phase = "setup" if phase == LOAD_PHASE else phase
+            result = _result_without_report(config, status, timed_out, timeout, phase, logged)
             if rusage_kib is not None:
                 # The trial died before it could report its own peak. wait4's figure may
                 # also count pages shared with its parent: an upper bound.
@@ -221,6 +244,15 @@ class TrialWorker:
             self.close()  # a child that ran the trial itself has exited, or is stopped now
         return result
 
+    def _refuse_budget_below_load(self) -> None:
+        """After the child failed to load: raise if the CPU budget is below what loading needs."""
+        if self.device != "cpu" or self.memory_budget is None or not self.memory_budget_bytes:
+            return
+        error = budget_below_load_error(self.task, self.backend, self.memory_budget, self.memory_budget_bytes)
+        if error is not None:
+            self.close()
+            raise error
+
     def _wait_for_result(self, timeout: float | None, on_report=None):
         """The child's result line, or how it ended without one: (line, status, rusage, timed_out).
 
@@ -228,23 +260,24 @@ class TrialWorker:
         waits for each answer, so nothing follows an intermediate line until it is sent.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        process = self._process
+        process, results = self._process, self._results
+        assert process is not None and results is not None
         while True:
-            ready, _, _ = select.select([self._results], [], [], _POLL_SECONDS)
+            ready, _, _ = select.select([results], [], [], _POLL_SECONDS)
             if ready:
-                line = self._results.readline()
+                line = results.readline()
                 if line and not self._answered(line, on_report):
                     return line, None, None, False
             pid, status, rusage = os.wait4(process.pid, os.WNOHANG)
             if pid == process.pid:
                 process.returncode = os.waitstatus_to_exitcode(status)
-                line = self._results.readline()  # a result written just before exiting
+                line = results.readline()  # a result written just before exiting
                 while line and _intermediate(line) is not None:  # it died waiting for an answer
-                    line = self._results.readline()
+                    line = results.readline()
                 self._process = None
                 return line, status, rusage, False
             if deadline is not None and time.monotonic() > deadline:
-                _kill(process)
+                kill_process_group(process)
                 _, status, rusage = os.wait4(process.pid, 0)
                 process.returncode = os.waitstatus_to_exitcode(status)
                 self._process = None
@@ -256,11 +289,7 @@ class TrialWorker:
         if record is None:
             return False
         prune = bool(on_report(record["step"], record["val_loss"], record["train_seconds"])) if on_report else False
-        try:
-            self._requests.write(json.dumps({"prune": prune}) + "\n")
-            self._requests.flush()
-        except BrokenPipeError:
-            pass  # the trial died meanwhile; waiting tells how
+        self._send({"prune": prune})  # a trial that died meanwhile: waiting tells how
         return True
 
 
@@ -273,16 +302,8 @@ def _intermediate(line: str) -> dict | None:
     return record.get("intermediate") if isinstance(record, dict) else None
 
 
-def _kill(process: subprocess.Popen) -> None:
-    """Kill the child and anything it started (data-loader workers)."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def _result_without_report(
-    config: TrialConfig, status: int, timed_out: bool, timeout: float | None, phase: str, log_tail: str
+    config: TrialConfig, status: int, timed_out: bool, timeout: float | None, phase: str, logged: str
 ) -> TrialResult:
     """Classify a child that ended without writing its result."""
     if timed_out:
@@ -290,38 +311,17 @@ def _result_without_report(
     if os.WIFSIGNALED(status):
         number = os.WTERMSIG(status)
         name = signal.Signals(number).name if number in signal.Signals._value2member_map_ else str(number)
-        oom = any(sig in log_tail for sig in _OOM_SIGNATURES)
+        oom = any(sig in logged for sig in OOM_SIGNATURES)
         reason = f"worker killed by {name}"
         if number == signal.SIGKILL:
             reason += " (by the kernel's OOM killer, or by another process)"
         if oom:
-            return TrialResult(status="oom", config=config, oom_phase=phase, error=f"{reason}: {_last_line(log_tail)}")
-        return TrialResult(status="error", config=config, error=reason + (f": {_last_line(log_tail)}" if log_tail else ""))
+            return TrialResult(status="oom", config=config, oom_phase=phase, error=f"{reason}: {last_line(logged)}")
+        return TrialResult(status="error", config=config, error=reason + (f": {last_line(logged)}" if logged else ""))
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
-    if any(sig in log_tail for sig in _OOM_SIGNATURES):
-        return TrialResult(status="oom", config=config, oom_phase=phase, error=_last_line(log_tail))
-    detail = _last_line(log_tail) or "no output"
-    return TrialResult(status="error", config=config, error=f"worker exited with code {code} without a result: {detail}")
-
-
-def _read_phase(phase_path: Path) -> str:
-    try:
-        return phase_path.read_text().strip() or "setup"
-    except OSError:
-        return "setup"
-
-
-def _tail(path: Path, start: int = 0, limit: int = 4000) -> str:
-    """The end of what the child logged since offset ``start``."""
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(start)
-            data = handle.read()
-    except OSError:
-        return ""
-    return data[-limit:].decode("utf-8", errors="replace")
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1][:500] if lines else ""
+    if any(sig in logged for sig in OOM_SIGNATURES):
+        return TrialResult(status="oom", config=config, oom_phase=phase, error=last_line(logged))
+    detail = last_line(logged) or "no output"
+    return TrialResult(
+        status="error", config=config, error=f"worker exited with code {code} without a result: {detail}"
+    )

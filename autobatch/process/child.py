@@ -1,0 +1,242 @@
+"""What every child process of autobatch shares: its start, its memory cap, its end and its log.
+
+A trial (:mod:`autobatch.process.trial_child`) and a training run (:mod:`autobatch.training.child`)
+each run in a new interpreter. The parent starts it with :func:`start_child` (its own process
+group, so Ctrl-C reaches only the parent, which stops the child with :func:`kill_process_group`);
+the child calls :func:`enter_child` first, before any framework is imported, so that the memory
+budget counts the whole process. The parent reads what the child logged with :func:`log_tail`
+and :func:`last_line`; the child measures its own peak with :class:`CpuPeakMeter`.
+
+A budget below what the framework and the task need to load is bad input, not an OOM of a
+trial: :func:`budget_below_load_error` measures what loading needs in a fresh process and
+says so in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from typing import IO, Any
+
+from autobatch.core.memory import MemoryBudget, format_bytes
+from autobatch.errors import InvalidParameterError
+
+__all__ = [
+    "CpuPeakMeter",
+    "budget_as_given",
+    "budget_below_load_error",
+    "child_setup",
+    "enter_child",
+    "kill_process_group",
+    "last_line",
+    "log_tail",
+    "memory_status",
+    "start_child",
+]
+
+# Measures what loading takes, in a process of its own with no cap (see budget_below_load_error).
+_MEASURE_COMMAND = "import sys; from autobatch.process.child import _measure_load; sys.exit(_measure_load(sys.argv[1]))"
+
+
+def child_setup(device: str, memory_budget_bytes: int | None) -> dict[str, Any]:
+    """The part of a child's setup that :func:`enter_child` reads: the device, the budget and the import path."""
+    return {
+        "device": device,
+        "memory_budget_bytes": memory_budget_bytes,
+        "sys_path": [entry for entry in sys.path if entry],
+    }
+
+
+def enter_child(setup: dict[str, Any]) -> None:
+    """The child's first step: cap its memory on the CPU, and import what the parent could.
+
+    On the CPU, ``RLIMIT_DATA`` is set to the budget before any framework is imported: the
+    whole process counts, so an allocation past the budget fails as the framework's own OOM
+    (PyTorch: ``DefaultCPUAllocator: can't allocate memory``, TensorFlow:
+    ``ResourceExhaustedError``). On an accelerator the backend caps its allocator later.
+    """
+    budget_bytes = setup.get("memory_budget_bytes")
+    if budget_bytes and setup["device"] == "cpu":
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_DATA, (budget_bytes, budget_bytes))
+    for entry in reversed(setup.get("sys_path", [])):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+
+
+def start_child(entry: str, argument: str, *, output: IO[bytes] | None, pass_fds: tuple[int, ...]) -> subprocess.Popen:
+    """Start a new interpreter that returns ``module:function``'s ``function(argument)`` as its exit code.
+
+    The function is imported rather than run with ``-m``: importing ``autobatch`` imports
+    the parent side too, and ``-m`` would then load the child's module a second time, as
+    ``__main__``. The child runs in a session of its own: Ctrl-C in a terminal reaches the
+    parent only, which then stops the child and whatever it started with
+    :func:`kill_process_group`. It writes to ``output``; ``None`` lets its output through.
+    """
+    module, _, function = entry.partition(":")
+    command = f"import sys; from {module} import {function}; sys.exit({function}(sys.argv[1]))"
+    env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's start-up chatter stays out of the log
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return subprocess.Popen(
+        [sys.executable, "-c", command, argument],
+        stdin=subprocess.DEVNULL,
+        stdout=output,
+        stderr=output,
+        env=env,
+        pass_fds=pass_fds,
+        start_new_session=True,
+    )
+
+
+def kill_process_group(process: subprocess.Popen) -> None:
+    """Kill a child started by :func:`start_child` and anything it started (data-loader workers)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def log_tail(log: str | os.PathLike[str] | IO[bytes], start: int = 0, limit: int = 4000) -> str:
+    """The last ``limit`` bytes of what a child logged after offset ``start``; "" if it cannot be read.
+
+    ``log`` is a path, or the open file a child writes to: that one is read at an offset,
+    so the position the child writes at does not move.
+    """
+    try:
+        if isinstance(log, (str, os.PathLike)):
+            with open(log, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                handle.seek(max(start, size - limit))
+                data = handle.read()
+        else:
+            descriptor = log.fileno()
+            size = os.fstat(descriptor).st_size
+            begin = max(start, size - limit)
+            data = os.pread(descriptor, max(0, size - begin), begin)
+    except (OSError, ValueError):
+        return ""
+    return data.decode("utf-8", errors="replace")
+
+
+def last_line(text: str, limit: int = 500) -> str:
+    """The last line of ``text`` that is not blank, stripped and cut at ``limit`` characters."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:limit] if lines else ""
+
+
+def memory_status() -> dict[str, int]:
+    """VmData, VmRSS, VmHWM and friends of this process, from /proc/self/status, in bytes."""
+    values: dict[str, int] = {}
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                key, _, rest = line.partition(":")
+                if key.startswith("Vm"):
+                    values[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return values
+
+
+class CpuPeakMeter:
+    """This process's memory on the CPU as ``RLIMIT_DATA`` counts it, from a start to its peak.
+
+    ``RLIMIT_DATA`` counts the data segment (VmData), which Linux keeps no peak of; resident
+    memory (VmRSS) has one (VmHWM) that can be reset. The two differ by reservations never
+    touched (thread arenas, BLAS buffers) and by resident pages of mapped library files
+    (TensorFlow's), a difference that holds still while a trial runs. So memory is read as
+    the data segment at the start plus how far resident memory rose since.
+    """
+
+    def __init__(self) -> None:
+        self.start_data_bytes: int | None = None
+        self.start_resident_bytes: int | None = None
+
+    def start(self, reset_peak: bool = True) -> None:
+        """Start measuring here; with ``reset_peak`` the resident peak starts here too."""
+        status = memory_status()
+        if "VmData" in status and "VmRSS" in status:
+            self.start_data_bytes, self.start_resident_bytes = status["VmData"], status["VmRSS"]
+        if reset_peak:
+            try:
+                with open("/proc/self/clear_refs", "w") as handle:
+                    handle.write("5")  # resets VmHWM to the current resident size
+            except OSError:
+                pass
+
+    def current_bytes(self) -> int | None:
+        """What the process holds now; None before :meth:`start` or where /proc says nothing."""
+        return self.as_data_bytes(memory_status().get("VmRSS"))
+
+    def peak_bytes(self) -> int | None:
+        """The most the process held since :meth:`start`."""
+        return self.as_data_bytes(memory_status().get("VmHWM"))
+
+    def as_data_bytes(self, resident_bytes: int | None) -> int | None:
+        """A resident size read as the data segment ``RLIMIT_DATA`` compares with the budget."""
+        if resident_bytes is None or self.start_data_bytes is None or self.start_resident_bytes is None:
+            return None
+        return self.start_data_bytes + max(0, resident_bytes - self.start_resident_bytes)
+
+
+def budget_as_given(memory_budget: str | int | MemoryBudget | None) -> str | None:
+    """A memory budget as the user gave it, for messages: their own words, or the parsed budget's."""
+    if memory_budget is None or isinstance(memory_budget, str):
+        return memory_budget
+    return str(MemoryBudget.parse(memory_budget))
+
+
+def budget_below_load_error(
+    task: str, backend: str, budget: str, budget_bytes: int, *, timeout: float = 600
+) -> InvalidParameterError | None:
+    """After loading failed under a CPU budget: the error to raise if the budget is what stopped it.
+
+    What importing ``backend`` and loading ``task`` need is measured in a new process
+    without a cap (a few seconds, and only once loading has failed). A budget below that
+    is bad input, not an OOM of a trial: no trial could ever run under it. ``None`` when
+    loading fits the budget, or cannot be measured: the failure is then the trial's own.
+    """
+    needed = _load_bytes(task, backend, timeout)
+    if needed is None or needed <= budget_bytes:
+        return None
+    name = backend.rpartition(":")[2] or backend
+    return InvalidParameterError(
+        "memory_budget",
+        budget,
+        f"must exceed the {format_bytes(needed)} that {name} needs to import and load the task, before any training",
+    )
+
+
+def _load_bytes(task: str, backend: str, timeout: float) -> int | None:
+    """The data segment of a new process, with no cap, once ``backend`` is imported and ``task`` loaded."""
+    setup = json.dumps({**child_setup("cpu", None), "task": task, "backend": backend})
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _MEASURE_COMMAND, setup],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={"TF_CPP_MIN_LOG_LEVEL": "3", **os.environ},
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = done.stdout.split()
+    return int(lines[-1]) if done.returncode == 0 and lines and lines[-1].isdigit() else None
+
+
+def _measure_load(setup_json: str) -> int:
+    setup = json.loads(setup_json)
+    enter_child(setup)
+    from autobatch.core.registry import get_backend
+    from autobatch.tasks.workload import load_workload
+
+    get_backend(setup["backend"])
+    load_workload(setup["task"])
+    print(memory_status().get("VmData", ""), flush=True)
+    return 0
