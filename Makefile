@@ -5,16 +5,19 @@ PY := $(VENV)/bin/python
 # The CPU build of PyTorch goes in first, so the project's torch range is already met
 # and no multi-GB CUDA build is pulled.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= torch,tensorflow,dashboard,postgres,dev
+# Likewise TensorFlow's CPU build (x86_64 only; elsewhere the one `tensorflow` build is the CPU build),
+# installed in place of the `tensorflow` extra, whose full build would pull GPU libraries.
+TENSORFLOW_SPEC ?= $(if $(filter x86_64,$(shell uname -m)),tensorflow-cpu>=2.16,tensorflow>=2.16)
+EXTRAS ?= torch,dashboard,postgres,dev
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test test-gpu lint bench venv clean
 
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TENSORFLOW_SPEC)"
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
@@ -24,9 +27,28 @@ demo: venv
 test: venv
 	$(PY) -m pytest
 
+# The GPU tests, on a machine with an NVIDIA GPU and its driver: a separate venv with the CUDA
+# builds (several GB from the package index), then the `gpu` marker. There a GPU that NVML sees
+# but a framework cannot use fails the run instead of skipping.
+GPU_VENV := .venv-gpu
+TORCH_GPU_SPEC ?= torch>=2.3
+TENSORFLOW_GPU_SPEC ?= tensorflow[and-cuda]>=2.16
+test-gpu:
+	$(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q --upgrade pip
+	$(GPU_VENV)/bin/python -m pip install -q "$(TORCH_GPU_SPEC)" "$(TENSORFLOW_GPU_SPEC)"
+	$(GPU_VENV)/bin/python -m pip install -q -e ".[dashboard,postgres,dev]"
+	AUTOBATCH_REQUIRE_GPU=1 $(GPU_VENV)/bin/python -m pytest -m gpu
+
+# What CI checks before the tests: lint, formatting, and types of the framework-free library.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
 bench: venv
 	$(PY) -m pip install -q -e ".[$(EXTRAS),bench]"
 	$(PY) benchmarks/probe.py --quick
 
 clean:
-	rm -rf $(VENV) build *.egg-info autobatch.db
+	rm -rf $(VENV) $(GPU_VENV) build *.egg-info autobatch.db

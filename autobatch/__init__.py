@@ -22,8 +22,9 @@ from autobatch.errors import (
 from autobatch.core.memory import MemoryBudget
 from autobatch.core.registry import backend_names, get_backend
 from autobatch.search.space import SearchSpace
-from autobatch.search.study import TuneResult, load_study_result, tune
-from autobatch.training.train import TrainingError, TrainingOOMError, TrainResult, train
+from autobatch.search.results import TuneResult, load_study_result
+from autobatch.search.tune import tune
+from autobatch.training.api import TrainingError, TrainingOOMError, TrainResult, train
 from autobatch.process.worker import run_trial
 from autobatch.tasks.workload import Workload, load_workload
 

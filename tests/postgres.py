@@ -61,7 +61,11 @@ class PostgresServer:
         """Stop a server this module started, and remove its files."""
         if self.data_dir is None:
             return
-        _run(self.run_as, [str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir / "data"), "-m", "immediate", "stop"], check=False)
+        _run(
+            self.run_as,
+            [str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir / "data"), "-m", "immediate", "stop"],
+            check=False,
+        )
         shutil.rmtree(self.data_dir, ignore_errors=True)
         self.data_dir = None
 
@@ -99,11 +103,41 @@ def start_private_server() -> PostgresServer:
     port = _free_port()
     data = base / "data"
     try:
-        _run(run_as, [str(bin_dir / "initdb"), "-D", str(data), "-U", USER, "--auth=scram-sha-256",
-                      f"--pwfile={base / 'pwfile'}", "-E", "UTF8", "--no-sync"])
-        options = (f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories='{base}' "
-                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
-        _run(run_as, [str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(base / "log"), "-w", "-t", "60", "start"])
+        _run(
+            run_as,
+            [
+                str(bin_dir / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                USER,
+                "--auth=scram-sha-256",
+                f"--pwfile={base / 'pwfile'}",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        )
+        options = (
+            f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories='{base}' "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+        )
+        _run(
+            run_as,
+            [
+                str(bin_dir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-o",
+                options,
+                "-l",
+                str(base / "log"),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        )
     except PostgresUnavailable:
         log = base / "log"
         detail = log.read_text()[-2000:] if log.exists() else ""
@@ -155,8 +189,13 @@ def _admin_connection(url: str):
 
     parsed = make_url(url)
     return psycopg.connect(
-        host=parsed.host, port=parsed.port or 5432, user=parsed.username, password=parsed.password,
-        dbname=parsed.database or "postgres", autocommit=True, connect_timeout=10,
+        host=parsed.host,
+        port=parsed.port or 5432,
+        user=parsed.username,
+        password=parsed.password,
+        dbname=parsed.database or "postgres",
+        autocommit=True,
+        connect_timeout=10,
     )
 
 

@@ -64,10 +64,24 @@ def nan_loss() -> Workload:
 # Helpers shared by tests/test_distributed.py and tests/test_reliability.py.
 
 ROOT = Path(__file__).resolve().parent.parent
-SYNTHETIC = ["tests.synthetic_backend:workload", "--backend", "tests.synthetic_backend:SyntheticBackend",
-             "--memory-budget", "256MiB", "--device", "cpu"]
-SLOW = ["tests.synthetic_backend:workload", "--backend", "tests.reliability_tasks:SlowSyntheticBackend",
-        "--memory-budget", "256MiB", "--device", "cpu"]
+SYNTHETIC = [
+    "tests.synthetic_backend:workload",
+    "--backend",
+    "tests.synthetic_backend:SyntheticBackend",
+    "--memory-budget",
+    "256MiB",
+    "--device",
+    "cpu",
+]
+SLOW = [
+    "tests.synthetic_backend:workload",
+    "--backend",
+    "tests.reliability_tasks:SlowSyntheticBackend",
+    "--memory-budget",
+    "256MiB",
+    "--device",
+    "cpu",
+]
 FAST_HEARTBEAT = ["--heartbeat-interval", "1", "--grace-period", "3"]
 
 
@@ -76,13 +90,17 @@ def start_cli(*args: str, cwd: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.Popen(
         [sys.executable, "-m", "autobatch", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        env=env,
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _storage(url: str):
-    from autobatch.search.distributed import open_storage
+    from autobatch.search.storage import open_storage
 
     return open_storage(url)
 

@@ -14,18 +14,9 @@ import optuna
 import pytest
 
 from autobatch import InvalidParameterError, StorageError, tune
-from autobatch.search.distributed import (
-    PROBE_LOCK_PREFIX,
-    READY_ATTR,
-    check_worker_options,
-    create_once,
-    gpu_assignments,
-    normalize_storage_url,
-    open_storage,
-    redact,
-    run_local_workers,
-    sqlite_path,
-)
+from autobatch.search.coordination import PROBE_LOCK_PREFIX, READY_ATTR, create_once
+from autobatch.search.local_workers import check_worker_options, gpu_assignments, run_local_workers
+from autobatch.search.storage import normalize_storage_url, open_storage, redact, sqlite_path
 from tests.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
 from tests.reliability_tasks import (
     ROOT,
@@ -37,8 +28,12 @@ from tests.reliability_tasks import (
     study_user_attrs,
 )
 
-SYNTHETIC_KWARGS = dict(task="tests.synthetic_backend:workload", backend="tests.synthetic_backend:SyntheticBackend",
-                        memory_budget="256MiB", device="cpu")
+SYNTHETIC_KWARGS = dict(
+    task="tests.synthetic_backend:workload",
+    backend="tests.synthetic_backend:SyntheticBackend",
+    memory_budget="256MiB",
+    device="cpu",
+)
 
 
 # One GPU per worker.
@@ -55,7 +50,7 @@ def test_gpus_go_to_workers_in_turn():
 
 def test_local_workers_get_a_gpu_and_a_seed_each(monkeypatch):
     import autobatch.core.devices
-    import autobatch.search.distributed as distributed
+    import autobatch.search.local_workers as distributed
 
     started = []
 
@@ -101,7 +96,9 @@ def test_worker_options_are_validated():
         check_worker_options(0, None, 10, 60)
     with pytest.raises(InvalidParameterError, match="study_trials=-1"):
         check_worker_options(1, -1, 10, 60)
-    with pytest.raises(InvalidParameterError, match="grace_period=5 is invalid: must be longer than heartbeat_interval"):
+    with pytest.raises(
+        InvalidParameterError, match="grace_period=5 is invalid: must be longer than heartbeat_interval"
+    ):
         check_worker_options(1, None, 10, 5)
     check_worker_options(2, 10, None, None)
 
@@ -110,7 +107,7 @@ def _schema_race(url, processes=4):
     """Open a fresh storage from several processes at the same instant."""
     code = (
         "import sys, time\n"
-        "from autobatch.search.distributed import open_storage\n"
+        "from autobatch.search.storage import open_storage\n"
         "start = float(sys.argv[2])\n"
         "while time.time() < start: time.sleep(0.001)\n"
         "open_storage(sys.argv[1])\n"
@@ -136,7 +133,7 @@ def test_workers_opening_a_new_sqlite_file_together_do_not_race_the_schema(tmp_p
 
 
 @pytest.mark.distributed
-def test_workers_opening_a_new_postgres_database_together_do_not_race_the_schema(postgres_url):
+def test_workers_opening_a_new_postgres_database_together_do_not_race_the_schema(postgres_url):  # noqa: F811
     for code, stderr in _schema_race(postgres_url):
         assert code == 0, stderr[-2000:]
     storage = open_storage(postgres_url)
@@ -165,7 +162,9 @@ def test_create_once_runs_the_probe_in_one_worker_only(tmp_path):
     storage = open_storage(f"sqlite:///{tmp_path}/s.db")
     calls, created = [], []
     create = _make_ready(storage, "shared", calls, seconds=1.0)
-    threads = [threading.Thread(target=lambda: created.append(create_once(storage, "shared", create))) for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda: created.append(create_once(storage, "shared", create))) for _ in range(4)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -206,8 +205,9 @@ def test_a_study_of_another_kind_is_not_joined(tmp_path):
 @pytest.mark.slow
 def test_tune_with_two_local_workers_on_sqlite(run_cli, tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
-    done = run_cli("tune", *SYNTHETIC, "--trials", "6", "--workers", "2", "--storage", url, "--study-name", "local",
-                   timeout=300)
+    done = run_cli(
+        "tune", *SYNTHETIC, "--trials", "6", "--workers", "2", "--storage", url, "--study-name", "local", timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Recommended: micro-batch" in done.stdout
     trials = study_trials(url, "local")
@@ -232,13 +232,15 @@ def test_a_journal_file_holds_a_study_too(tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.reliability
-def test_three_workers_on_postgres_run_fifteen_trials_with_one_probe(postgres_url, tmp_path):
+def test_three_workers_on_postgres_run_fifteen_trials_with_one_probe(postgres_url, tmp_path):  # noqa: F811
     workers = [
-        start_cli("worker", *SYNTHETIC, "--storage", postgres_url, "--study-name", "shared", "--trials", "5", cwd=tmp_path)
+        start_cli(
+            "worker", *SYNTHETIC, "--storage", postgres_url, "--study-name", "shared", "--trials", "5", cwd=tmp_path
+        )
         for _ in range(3)
     ]
     outputs = [worker.communicate(timeout=300) for worker in workers]
-    for worker, (stdout, stderr) in zip(workers, outputs):
+    for worker, (stdout, stderr) in zip(workers, outputs, strict=True):
         assert worker.returncode == 0, stderr[-3000:]
         assert "Recommended: micro-batch" in stdout
         assert "password" not in stdout + stderr and postgres_url not in stdout + stderr  # the URL is redacted
@@ -256,7 +258,7 @@ def test_three_workers_on_postgres_run_fifteen_trials_with_one_probe(postgres_ur
 
 
 @pytest.mark.distributed
-def test_worker_errors_name_the_database_without_its_password(postgres_url, run_cli):
+def test_worker_errors_name_the_database_without_its_password(postgres_url, run_cli):  # noqa: F811
     wrong = postgres_url.replace("://autobatch:", "://autobatch:not-the-password", 1)
     assert wrong != postgres_url
     done = run_cli("worker", *SYNTHETIC, "--storage", wrong, "--study-name", "s", "--trials", "1")

@@ -142,7 +142,8 @@ def test_a_time_budget_evaluates_at_even_points_reports_all_but_the_last_and_sto
 
 def test_torch_measures_each_micro_batch_gradient_and_the_window_gradient():
     torch = pytest.importorskip("torch")
-    from autobatch.backends.torch.backend import GradientNoiseMeter, make_loss, train_window
+    from autobatch.backends.torch import GradientNoiseMeter, train_window
+    from autobatch.backends.torch.training import make_loss
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
@@ -171,7 +172,8 @@ def test_tensorflow_measures_each_micro_batch_gradient_and_the_window_gradient()
     tf = pytest.importorskip("tensorflow")
     import keras
 
-    from autobatch.backends.tensorflow.backend import MicroBatchTrainer, batch_spec, make_loss
+    from autobatch.backends.tensorflow import MicroBatchTrainer, batch_spec
+    from autobatch.backends.tensorflow.training import make_loss
 
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(3)])
@@ -231,7 +233,7 @@ def test_noise_scale_of_linear_regression_is_within_20_percent_on_torch_and_prun
 def test_noise_scale_of_linear_regression_is_within_20_percent_on_tensorflow():
     pytest.importorskip("tensorflow")
     from autobatch.backends.base import TrialProgress
-    from autobatch.backends.tensorflow.backend import TensorFlowBackend
+    from autobatch.backends.tensorflow import TensorFlowBackend
 
     measured = TensorFlowBackend().run_trial(
         load_workload(LINEAR), TrialConfig(16, 4, tasks.FROZEN_LEARNING_RATE), TrialBudget(train_samples=8192),

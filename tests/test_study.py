@@ -10,7 +10,6 @@ import pytest
 from autobatch import InvalidParameterError, SearchSpace, TrialConfig, TrialResult, tune
 from autobatch.errors import AutobatchError, StorageError
 from autobatch.search.probe import ProbeError, find_memory_wall
-from autobatch.search.study import load_study_result
 from tests import synthetic_backend as synthetic
 
 SYNTHETIC = dict(task="tests.synthetic_backend:workload", backend="tests.synthetic_backend:SyntheticBackend")
@@ -49,7 +48,9 @@ def test_probe_bisects_when_the_model_overshoots():
     def run(micro_batch):
         calls.append(micro_batch)
         peak = 100 * MIB + MIB * micro_batch + (4 * MIB * (micro_batch - 100) if micro_batch > 100 else 0)
-        return TrialResult(status="ok" if peak <= 600 * MIB else "oom", config=TrialConfig(micro_batch), peak_memory_bytes=peak)
+        return TrialResult(
+            status="ok" if peak <= 600 * MIB else "oom", config=TrialConfig(micro_batch), peak_memory_bytes=peak
+        )
 
     probe = find_memory_wall(run, int(600 * MIB / 0.95), safety_margin=0.05)
     truth = 100 + (600 - 200) // 5  # 180
@@ -104,7 +105,9 @@ def _true_best(wall):
 
 @pytest.mark.slow
 def test_the_study_finds_the_known_optimum_of_a_synthetic_backend(tmp_path):
-    result = tune(**SYNTHETIC, memory_budget="256MiB", n_trials=40, storage=f"sqlite:///{tmp_path}/s.db", seed=1, device="cpu")
+    result = tune(
+        **SYNTHETIC, memory_budget="256MiB", n_trials=40, storage=f"sqlite:///{tmp_path}/s.db", seed=1, device="cpu"
+    )
     best_speed, best_loss = _true_best(result.max_micro_batch)
     recommended = result.recommended
     assert recommended["throughput"] >= 0.95 * best_speed
@@ -121,8 +124,18 @@ def test_trials_record_what_a_person_reads_in_the_dashboard(tmp_path):
     assert study.metric_names == ["throughput (samples/s)", "validation loss"]
     for trial in study.trials:
         attrs = trial.user_attrs
-        for key in ("effective_batch_size", "peak_memory_bytes", "memory_budget_bytes", "feasible", "oom",
-                    "oom_phase", "skipped_by_model", "framework", "device", "timings"):
+        for key in (
+            "effective_batch_size",
+            "peak_memory_bytes",
+            "memory_budget_bytes",
+            "feasible",
+            "oom",
+            "oom_phase",
+            "skipped_by_model",
+            "framework",
+            "device",
+            "timings",
+        ):
             assert key in attrs, key
         expected = min(attrs["peak_memory_bytes"] / attrs["memory_budget_bytes"] - 1, 0.0)  # ran under the cap
         assert trial.constraints["memory"] == pytest.approx(expected)
@@ -135,8 +148,15 @@ def test_trials_record_what_a_person_reads_in_the_dashboard(tmp_path):
 @pytest.mark.slow
 def test_configs_predicted_over_budget_are_recorded_as_skipped_not_run(tmp_path):
     space = SearchSpace(min_micro_batch=64, max_micro_batch=400)  # the wall is near 110
-    result = tune(**SYNTHETIC, memory_budget="256MiB", n_trials=8, storage=f"sqlite:///{tmp_path}/s.db",
-                  device="cpu", search_space=space, sampler="random")
+    result = tune(
+        **SYNTHETIC,
+        memory_budget="256MiB",
+        n_trials=8,
+        storage=f"sqlite:///{tmp_path}/s.db",
+        device="cpu",
+        search_space=space,
+        sampler="random",
+    )
     skipped = [t for t in result.study.trials if t.user_attrs["skipped_by_model"]]
     ran = [t for t in result.study.trials if not t.user_attrs["skipped_by_model"]]
     assert skipped and ran
@@ -150,8 +170,14 @@ def test_configs_predicted_over_budget_are_recorded_as_skipped_not_run(tmp_path)
 @pytest.mark.slow
 def test_a_minimum_above_the_wall_is_bad_input(tmp_path):
     with pytest.raises(InvalidParameterError, match="min_micro_batch=150 is invalid: must be <= 1"):
-        tune(**SYNTHETIC, memory_budget="256MiB", n_trials=2, storage=f"sqlite:///{tmp_path}/s.db",
-             device="cpu", search_space=SearchSpace(min_micro_batch=150))
+        tune(
+            **SYNTHETIC,
+            memory_budget="256MiB",
+            n_trials=2,
+            storage=f"sqlite:///{tmp_path}/s.db",
+            device="cpu",
+            search_space=SearchSpace(min_micro_batch=150),
+        )
     assert not (tmp_path / "s.db").exists()
 
 
@@ -188,8 +214,23 @@ def test_bad_input_leaves_the_storage_as_it_was(tmp_path):
 
 @pytest.mark.slow
 def test_cli_tune_on_synthetic_images_then_resume_without_probing_again(run_cli, tmp_path):
-    args = ["tune", "synthetic-images", "--backend", "torch", "--memory-budget", "1GiB", "--trials", "12",
-            "--samples", "512", "--storage", f"sqlite:///{tmp_path}/a.db", "--study-name", "images", "--json"]
+    args = [
+        "tune",
+        "synthetic-images",
+        "--backend",
+        "torch",
+        "--memory-budget",
+        "1GiB",
+        "--trials",
+        "12",
+        "--samples",
+        "512",
+        "--storage",
+        f"sqlite:///{tmp_path}/a.db",
+        "--study-name",
+        "images",
+        "--json",
+    ]
     first = run_cli(*args, timeout=900)
     assert first.returncode == 0, first.stderr[-2000:]
     assert first.stdout.startswith("{"), first.stdout[:2000] + first.stderr[-2000:]
@@ -197,8 +238,15 @@ def test_cli_tune_on_synthetic_images_then_resume_without_probing_again(run_cli,
     recommended = result["recommended"]
     assert recommended is not None and recommended["peak_memory_bytes"] < result["memory_budget_bytes"]
     assert result["n_oom_trials"] == 0 and result["n_trials"] == 12
-    assert set(recommended) >= {"micro_batch_size", "accumulation_steps", "learning_rate", "effective_batch_size",
-                                "throughput", "val_loss", "peak_memory_bytes"}
+    assert set(recommended) >= {
+        "micro_batch_size",
+        "accumulation_steps",
+        "learning_rate",
+        "effective_batch_size",
+        "throughput",
+        "val_loss",
+        "peak_memory_bytes",
+    }
 
     # Two more trials are enough to show the resume: it adds to the study and does not probe again.
     second = run_cli(*[arg if arg != "12" else "2" for arg in args], timeout=900)
@@ -213,8 +261,16 @@ def test_cli_tune_on_synthetic_images_then_resume_without_probing_again(run_cli,
 
 
 def test_cli_tune_bad_input_names_the_option(run_cli, tmp_path):
-    done = run_cli("tune", "digits-mlp", "--min-micro-batch", "64", "--max-micro-batch", "8",
-                   "--storage", f"sqlite:///{tmp_path}/x.db")
+    done = run_cli(
+        "tune",
+        "digits-mlp",
+        "--min-micro-batch",
+        "64",
+        "--max-micro-batch",
+        "8",
+        "--storage",
+        f"sqlite:///{tmp_path}/x.db",
+    )
     assert done.returncode == 2 and "--max-micro-batch" in done.stderr and "reversed" in done.stderr
     assert not (tmp_path / "x.db").exists()
     done = run_cli("tune", "digits-mlp", "--loss-tolerance", "-1", "--storage", f"sqlite:///{tmp_path}/x.db")

@@ -1,4 +1,8 @@
-"""Text a person reads: the study note in optuna-dashboard and the CLI's tables."""
+"""Text a person reads: the study note in optuna-dashboard and the CLI's tables.
+
+:func:`write_note` keeps the note and the dashboard's plots current; the result it
+writes comes from :func:`autobatch.search.results.summarize`, which knows nothing of notes.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,32 @@ import importlib.util
 from autobatch.core.memory import format_bytes
 
 
+def write_note(study, result, *, during_search: bool = False) -> None:
+    """Keep the study's note and plots in optuna-dashboard current (when optuna-dashboard is installed).
+
+    ``result`` is the study's :class:`~autobatch.search.results.TuneResult`. ``during_search``:
+    after a trial, when redrawing the plots may wait a little (see report/dashboard_plots.py).
+    """
+    try:
+        from optuna_dashboard import save_note
+    except ImportError:
+        return
+    from autobatch.report.dashboard_plots import save_dashboard_plots_quietly
+
+    save_note(study, study_note(study, result))
+    save_dashboard_plots_quietly(study, result, throttle=during_search)
+
+
 def study_note(study, result) -> str:
     """Markdown for the study's note: the recommendation, the wall, the feasible Pareto front."""
     from autobatch.search.objectives import get_objective
 
     settings = study.user_attrs.get("autobatch", {})
     objective = get_objective(getattr(result, "objective", None) or settings.get("objective", "pareto"))
-    lines = [f"# autobatch: {settings.get('task', '?')} on {settings.get('backend', '?')} ({settings.get('device', '?')})", ""]
+    lines = [
+        f"# autobatch: {settings.get('task', '?')} on {settings.get('backend', '?')} ({settings.get('device', '?')})",
+        "",
+    ]
     if objective.name != "pareto":
         lines += [f"Objective: **{objective.name}** ({objective_text(objective.name, settings)}).", ""]
     rec = result.recommended
@@ -68,7 +91,9 @@ def study_note(study, result) -> str:
             "dashboard's plots; `autobatch report` writes them as PNG files.",
         ]
     if result.costs:
-        costs = ", ".join(f"{k.removeprefix('mean_').removesuffix('_seconds')} {v:.2f} s" for k, v in result.costs.items())
+        costs = ", ".join(
+            f"{k.removeprefix('mean_').removesuffix('_seconds')} {v:.2f} s" for k, v in result.costs.items()
+        )
         lines += ["", f"Mean per-trial cost: {costs}."]
     return "\n".join(lines) + "\n"
 
@@ -120,7 +145,9 @@ def noise_section(noise: dict | None, settings: dict, recommended: dict | None) 
     if "probe" in noise:
         probe = noise["probe"]
         used = f"{probe:.0f}" if probe is not None else "unbounded"
-        lines.append(f"Goodput and the adascale rule use the noise probe's B_noise = {used}, measured once at the start.")
+        lines.append(
+            f"Goodput and the adascale rule use the noise probe's B_noise = {used}, measured once at the start."
+        )
     return lines + [""]
 
 
@@ -148,7 +175,7 @@ def _budget_text(budget_bytes: int, as_given: str | None) -> str:
 
 def _excluded_text(study) -> str:
     """Which trials the front leaves out, and why (the dashboard's own Pareto plot shows them)."""
-    from autobatch.report.plots import INFEASIBLE_KINDS, trial_points
+    from autobatch.report.plot_data import INFEASIBLE_KINDS, trial_points
 
     excluded = [t for t in trial_points(study) if t.kind != "feasible"]
     by_kind = {kind: [f"#{t.number}" for t in excluded if t.kind == kind] for kind in INFEASIBLE_KINDS}

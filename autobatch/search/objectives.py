@@ -22,8 +22,9 @@ recommendation.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
-from autobatch.errors import InvalidParameterError
+from autobatch._validation import StrOptions, check_param
 
 OBJECTIVES = ("pareto", "goodput", "time-to-target")
 PRUNERS = ("successive-halving", "hyperband", "none")
@@ -37,7 +38,7 @@ class Objective:
     """How one objective turns a trial's measurements into Optuna values, and picks a trial."""
 
     name = ""
-    directions: tuple[str, ...] = ()
+    directions: tuple[Literal["minimize", "maximize"], ...] = ()
     metric_names: tuple[str, ...] = ()
     #: whether intermediate losses are reported to a pruner
     prunes = False
@@ -131,14 +132,12 @@ _BY_NAME = {objective.name: objective for objective in (ParetoObjective(), Goodp
 
 def get_objective(name: str) -> Objective:
     """The objective named ``name``, or an error naming what is allowed."""
-    if name not in _BY_NAME:
-        raise InvalidParameterError("objective", name, f"must be one of {list(OBJECTIVES)}")
+    check_param("objective", name, StrOptions(OBJECTIVES))
     return _BY_NAME[name]
 
 
 def check_pruner(name: str) -> str:
-    if name not in PRUNERS:
-        raise InvalidParameterError("pruner", name, f"must be one of {list(PRUNERS)}")
+    check_param("pruner", name, StrOptions(PRUNERS))
     return name
 
 

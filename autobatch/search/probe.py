@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 from autobatch.core.config import TrialResult
 from autobatch.errors import AutobatchError
@@ -41,7 +41,7 @@ class MemoryModel:
     points: list[tuple[int, int]] = field(default_factory=list)  # (micro_batch, peak bytes) of ok probes
 
     @classmethod
-    def fit(cls, points: list[tuple[int, int]]) -> "MemoryModel":
+    def fit(cls, points: list[tuple[int, int]]) -> MemoryModel:
         import numpy as np
         from sklearn.linear_model import LinearRegression
 
@@ -67,7 +67,7 @@ class MemoryModel:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "MemoryModel":
+    def from_dict(cls, data: dict) -> MemoryModel:
         return cls(
             intercept_bytes=float(data["intercept_bytes"]),
             bytes_per_sample=float(data["bytes_per_sample"]),
@@ -97,7 +97,7 @@ class ProbeResult:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ProbeResult":
+    def from_dict(cls, data: dict) -> ProbeResult:
         return cls(
             max_micro_batch=int(data["max_micro_batch"]),
             memory_model=MemoryModel.from_dict(data["memory_model"]),

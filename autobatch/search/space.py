@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
+from autobatch._validation import Interval, StrOptions, validate_fields
 from autobatch.core.config import TrialConfig
-from autobatch.errors import InvalidParameterError
 from autobatch.core.noise import adascale_gain
+from autobatch.errors import InvalidParameterError
 
 LR_RULES = ("linear", "sqrt", "adascale", "absolute")
 
@@ -40,19 +42,21 @@ class SearchSpace:
     lr_offset_range: tuple[float, float] = (-1.0, 1.0)
     lr_range: tuple[float, float] = (1e-5, 1e-1)
 
+    _parameter_constraints: ClassVar[dict] = {
+        "min_micro_batch": Interval(int, 1, None),
+        "max_micro_batch": [Interval(int, 1, None), None],
+        "max_accumulation": Interval(int, 1, None),
+        "lr_rule": [StrOptions(LR_RULES), None],
+    }
+
     def __post_init__(self) -> None:
-        _positive_int("min_micro_batch", self.min_micro_batch)
-        if self.max_micro_batch is not None:
-            _positive_int("max_micro_batch", self.max_micro_batch)
-            if self.max_micro_batch < self.min_micro_batch:
-                raise InvalidParameterError(
-                    "max_micro_batch",
-                    self.max_micro_batch,
-                    f"must be >= min_micro_batch ({self.min_micro_batch}); the bounds are reversed",
-                )
-        _positive_int("max_accumulation", self.max_accumulation)
-        if self.lr_rule is not None and self.lr_rule not in LR_RULES:
-            raise InvalidParameterError("lr_rule", self.lr_rule, f"must be one of {list(LR_RULES)}")
+        validate_fields(self)
+        if self.max_micro_batch is not None and self.max_micro_batch < self.min_micro_batch:
+            raise InvalidParameterError(
+                "max_micro_batch",
+                self.max_micro_batch,
+                f"must be >= min_micro_batch ({self.min_micro_batch}); the bounds are reversed",
+            )
         low, high = self.lr_offset_range
         if not (math.isfinite(low) and math.isfinite(high) and low <= high):
             raise InvalidParameterError("lr_offset_range", self.lr_offset_range, "must be (low, high) with low <= high")
@@ -134,7 +138,13 @@ class SearchSpace:
             params["learning_rate"] = config.learning_rate
         elif not pin_learning_rate:
             at_rule = scaled_learning_rate(
-                base_lr, base_batch, config.effective_batch_size, rule, 0.0, noise_scale=noise_scale, optimizer=optimizer
+                base_lr,
+                base_batch,
+                config.effective_batch_size,
+                rule,
+                0.0,
+                noise_scale=noise_scale,
+                optimizer=optimizer,
             )
             params["lr_offset_decades"] = math.log10(config.learning_rate / at_rule)
         return params
@@ -143,7 +153,7 @@ class SearchSpace:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SearchSpace":
+    def from_dict(cls, data: dict) -> SearchSpace:
         data = dict(data)
         for key in ("lr_offset_range", "lr_range"):
             if key in data:
@@ -165,10 +175,14 @@ def scaled_learning_rate(
 
     ``noise_scale`` (B_noise; ``math.inf`` when unbounded) is needed by ``adascale`` alone.
     """
-    return base_lr * learning_rate_factor(rule, effective_batch, base_batch, noise_scale, optimizer) * 10**offset_decades
+    return (
+        base_lr * learning_rate_factor(rule, effective_batch, base_batch, noise_scale, optimizer) * 10**offset_decades
+    )
 
 
-def learning_rate_factor(rule: str, effective_batch: int, base_batch: int, noise_scale: float | None, optimizer: str) -> float:
+def learning_rate_factor(
+    rule: str, effective_batch: int, base_batch: int, noise_scale: float | None, optimizer: str
+) -> float:
     """How much the rule scales the base learning rate at ``effective_batch``."""
     ratio = effective_batch / base_batch
     if rule == "linear":
@@ -184,8 +198,3 @@ def learning_rate_factor(rule: str, effective_batch: int, base_batch: int, noise
     if rule == "absolute":
         return 1.0
     raise InvalidParameterError("lr_rule", rule, f"must be one of {list(LR_RULES)}")
-
-
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidParameterError(name, value, "must be an integer >= 1")

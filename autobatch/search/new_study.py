@@ -1,0 +1,241 @@
+"""A new study, made once: the probes that measure the task, then the Optuna study they found.
+
+The memory-wall probe finds the largest micro-batch that fits the budget; the noise probe
+(when the objective or the learning-rate rule needs it) measures the gradient noise scale.
+Then the study is created with its settings, its sampler and two starting points, and its
+probe attr is set last: that attr says the study is ready for other workers to join
+(:func:`autobatch.search.coordination.create_once` runs all this in one process only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from autobatch.core.config import TrialBudget, TrialConfig, TrialResult
+from autobatch.errors import AutobatchError, InvalidParameterError, StorageError, first_line
+from autobatch.search.objectives import Objective, get_objective
+from autobatch.search.probe import ProbeResult, find_memory_wall
+from autobatch.search.space import SearchSpace, scaled_learning_rate
+
+if TYPE_CHECKING:
+    from autobatch.process.worker import TrialWorker
+    from autobatch.tasks.workload import Workload
+
+#: the noise probe's accumulation: four micro-batches give |G_small|² a fair average per window
+NOISE_PROBE_ACCUMULATION = 4
+
+
+@dataclass
+class StudyPlan:
+    """What :func:`autobatch.tune` resolved before the study exists: all it takes to probe and create it.
+
+    ``settings`` are the study's settings as they will be stored; ``make_worker(budget_bytes)``
+    makes a trial worker of the task under that budget.
+    """
+
+    settings: dict
+    workload: Workload
+    search_space: SearchSpace
+    trial_budget: TrialBudget
+    make_worker: Callable[[int], TrialWorker]
+    trial_timeout: float | None = None
+    on_probe: Callable[[int, TrialResult], None] | None = None
+
+    def probe_and_create(self, storage, study_name: str, sampler: str, seed: int | None) -> None:
+        """Probe the memory wall (and the noise scale, if needed), then create the study ready to join."""
+        settings = self.settings
+        # Probes run under the budget less the margin, so whatever fits there leaves the
+        # margin free under the real budget: the cap is what counts, not a reading.
+        probe_limit = int(settings["memory_budget_bytes"] * (1 - settings["safety_margin"]))
+        noise = None
+        with self.make_worker(
+            probe_limit
+        ) as probe_worker:  # the noise probe reuses the worker the memory probe started
+            probe = self._probe_memory_wall(probe_worker)
+            if self.needs_noise_probe():
+                noise = self._probe_noise_scale(probe_worker, probe.max_micro_batch)
+        study = create_study(storage, study_name, sampler, seed, get_objective(settings["objective"]))
+        study.set_user_attr("autobatch", settings)
+        if noise is not None:
+            study.set_user_attr("autobatch_noise", noise)
+        self._enqueue_starting_points(study, probe.max_micro_batch, noise)
+        study.set_user_attr("autobatch_probe", probe.to_dict())  # last: the study is ready to join
+
+    def needs_noise_probe(self) -> bool:
+        """Goodput and the adascale rule need B_noise before the first trial: a noise probe measures it."""
+        return self.settings["objective"] == "goodput" or self.settings["lr_rule"] == "adascale"
+
+    def _probe_memory_wall(self, worker: TrialWorker) -> ProbeResult:
+        workload, space = self.workload, self.search_space
+        losses: list[float] = []
+        # A probe trains and evaluates exactly as a search trial will: the peak also
+        # depends on the optimizer's state, evaluation, and the allocator's
+        # fragmentation when training resumes after it (a shorter probe was seen to
+        # pass at a micro-batch whose full trial then ran out of memory). A time budget
+        # is run as a sample budget here: the peak depends on the config, not on how
+        # long it trains, and near the wall the few windows leave timing windows that
+        # resume training after evaluation, as a time-budgeted trial does.
+        probe_budget = dataclasses.replace(self.trial_budget, train_seconds=None)
+
+        def run_probe(micro_batch: int) -> TrialResult:
+            config = TrialConfig(micro_batch, 1, workload.base_learning_rate)
+            result = worker.run(config, probe_budget, timeout=self.trial_timeout)
+            if result.status == "ok" and result.val_loss is not None:
+                losses.append(result.val_loss)
+            return result
+
+        # A micro-batch larger than the training split would repeat samples within one
+        # forward pass: the split's size is the natural ceiling unless the user sets one.
+        ceiling = space.max_micro_batch or len(workload.x_train)
+        probe = find_memory_wall(
+            run_probe,
+            self.settings["memory_budget_bytes"],
+            safety_margin=self.settings["safety_margin"],
+            upper_limit=ceiling,
+            on_probe=self.on_probe,
+        )
+        if space.min_micro_batch > probe.max_micro_batch:
+            raise InvalidParameterError(
+                "min_micro_batch",
+                space.min_micro_batch,
+                f"must be <= {probe.max_micro_batch}, the largest micro-batch that fits the memory budget",
+            )
+        if losses and not any(math.isfinite(loss) for loss in losses):
+            # The task's own base learning rate is meant to train: a loss that is NaN there
+            # is a broken task (or NaN in its data), and no trial could be ranked.
+            raise AutobatchError(
+                f"task={self.settings['task']!r}: the validation loss is {losses[0]} in every probe, at the task's own "
+                f"base learning rate {workload.base_learning_rate:g}; check the task's model, loss and data for NaN"
+            )
+        return probe
+
+    def _probe_noise_scale(self, worker: TrialWorker, wall: int) -> dict:
+        """One trial at the task's base batch × NOISE_PROBE_ACCUMULATION, at its base learning rate, for B_noise.
+
+        Measured once, when the study is created, and kept: goodput ranks every trial and the
+        adascale rule maps every trial's params to a learning rate with this one number, so
+        re-estimating it as trials come in would change the meaning of earlier trials.
+        """
+        workload = self.workload
+        micro = max(1, min(wall, workload.base_batch_size))
+        config = TrialConfig(micro, NOISE_PROBE_ACCUMULATION, workload.base_learning_rate)
+        budget = dataclasses.replace(self.trial_budget, train_seconds=None, measure_noise=True)
+        started = time.perf_counter()
+        result = worker.run(config, budget, timeout=self.trial_timeout)
+        if result.status != "ok":
+            raise AutobatchError(
+                f"the noise probe (micro-batch {micro} x accumulation {NOISE_PROBE_ACCUMULATION} at the base learning "
+                f"rate) ended with status {result.status!r}: {(result.error or '').splitlines()[0] if result.error else ''}"
+            )
+        noise = {
+            **result.gradient_noise,
+            "accumulation_steps": NOISE_PROBE_ACCUMULATION,
+            "learning_rate": workload.base_learning_rate,
+            "seconds": time.perf_counter() - started,
+        }
+        estimate = noise.get("b_simple")
+        announce(
+            f"noise probe: micro-batch {micro} x {NOISE_PROBE_ACCUMULATION}: gradient noise scale B_simple "
+            + (
+                f"~ {estimate:.0f} samples"
+                if estimate is not None
+                else "too large to measure at this batch (unbounded)"
+            )
+        )
+        return noise
+
+    def _enqueue_starting_points(self, study, wall: int, noise: dict | None) -> None:
+        """The wall at the rule's LR, and the task's base batch at its base LR."""
+        workload, space, settings = self.workload, self.search_space, self.settings
+        low, high = space.micro_batch_bounds(wall)
+        high = min(high, wall)  # the wall probe has checked that low <= wall
+        base = min(max(workload.base_batch_size, low), high)
+        rule = settings["lr_rule"]
+        noise_scale = None if noise is None else (math.inf if noise.get("b_simple") is None else noise["b_simple"])
+        pin = get_objective(settings["objective"]).pins_learning_rate
+
+        def at_rule(micro: int) -> float:
+            return scaled_learning_rate(
+                workload.base_learning_rate,
+                workload.base_batch_size,
+                micro,
+                rule,
+                0.0,
+                noise_scale=noise_scale,
+                optimizer=workload.optimizer,
+            )
+
+        for config in (TrialConfig(high, 1, at_rule(high)), TrialConfig(base, 1, at_rule(base))):
+            if space.powers_of_two and config.micro_batch_size & (config.micro_batch_size - 1):
+                config = TrialConfig(2 ** int(math.log2(config.micro_batch_size)), 1, config.learning_rate)
+            params = space.params_for(
+                config,
+                workload.base_batch_size,
+                workload.base_learning_rate,
+                workload.optimizer,
+                pin_learning_rate=pin,
+                rule=rule,
+                noise_scale=noise_scale,
+            )
+            study.enqueue_trial(params, skip_if_exists=True)
+
+
+def create_study(storage, study_name: str, sampler: str, seed: int | None, objective: Objective):
+    """The Optuna study ``study_name`` in ``storage``, with the objective's directions and metric names."""
+    import optuna
+
+    try:
+        study = optuna.create_study(
+            study_name=study_name,
+            storage=storage,
+            directions=list(objective.directions),
+            sampler=make_sampler(sampler, seed),
+            load_if_exists=True,  # another worker may have created it a moment ago
+        )
+    except Exception as error:
+        raise StorageError(f"storage='the storage': cannot create study {study_name!r}: {first_line(error)}") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(objective.metric_names))
+    return study
+
+
+def load_with_sampler(storage, study_name: str, sampler: str, seed: int | None):
+    """The stored study, with this process's own sampler (samplers are not stored)."""
+    import optuna
+
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage, sampler=make_sampler(sampler, seed))
+    except KeyError:
+        raise StorageError(f"study_name={study_name!r} was deleted while this worker joined it") from None
+
+
+def make_sampler(name: str, seed: int | None):
+    import optuna
+
+    if name == "tpe":
+        return optuna.samplers.TPESampler(multivariate=True, seed=seed, n_startup_trials=5)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=10)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def announce(line: str | None) -> None:
+    """Print ``line`` on stderr, above a progress bar if one is showing (which budget, and why)."""
+    if not line:
+        return
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stderr)
+    except ImportError:
+        print(line, file=sys.stderr, flush=True)
