@@ -12,6 +12,8 @@ from autobatch.core.adaptive import (
     UnrecoverableOOMError,
 )
 from autobatch.core.config import TrialBudget, TrialConfig, TrialResult
+from autobatch.core.memory import MemoryBudget
+from autobatch.core.registry import backend_names, get_backend
 from autobatch.errors import (
     AutobatchError,
     BackendNotFoundError,
@@ -19,14 +21,12 @@ from autobatch.errors import (
     StorageError,
     TaskLoadError,
 )
-from autobatch.core.memory import MemoryBudget
-from autobatch.core.registry import backend_names, get_backend
-from autobatch.search.space import SearchSpace
-from autobatch.search.results import TuneResult, load_study_result
-from autobatch.search.tune import tune
-from autobatch.training.api import TrainingError, TrainingOOMError, TrainResult, train
 from autobatch.process.worker import run_trial
+from autobatch.search.results import TuneResult, load_study_result
+from autobatch.search.space import SearchSpace
+from autobatch.search.tune import tune
 from autobatch.tasks.workload import Workload, load_workload
+from autobatch.training.api import TrainingError, TrainingOOMError, TrainResult, train
 
 __version__ = "0.1.0"
 

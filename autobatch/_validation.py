@@ -19,9 +19,10 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, TypeVar
 
 from autobatch.errors import InvalidParameterError
 
@@ -124,9 +125,9 @@ def check_param(name: str, value: object, constraints: list[Constraint | None] |
     raise InvalidParameterError(name, value, _allowed_text(constraints))
 
 
-def validate_fields(instance: object, constraints: dict[str, list[Constraint | None] | Constraint] | None = None) -> None:
+def validate_fields(instance: Any, constraints: dict[str, list[Constraint | None] | Constraint] | None = None) -> None:
     """Check a dataclass's fields against ``constraints`` (default: its ``_parameter_constraints``)."""
-    for name, allowed in (constraints or getattr(instance, "_parameter_constraints")).items():
+    for name, allowed in (constraints or instance._parameter_constraints).items():
         check_param(name, getattr(instance, name), allowed)
 
 

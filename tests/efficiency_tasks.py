@@ -154,8 +154,19 @@ class CurveBackend(Backend):
         held = np.ones(CURVE_BASE_BYTES + CURVE_PER_SAMPLE_BYTES * config.micro_batch_size, dtype=np.uint8)
         del held
         micro, accumulation, lr = config.micro_batch_size, config.accumulation_steps, config.learning_rate
-        extras = {"gradient_noise": {"b_simple": CURVE_NOISE_SCALE, "grad_sq": 1.0, "trace": CURVE_NOISE_SCALE,
-                                     "windows": 8, "skipped_windows": 0}} if accumulation > 1 else {}
+        extras = (
+            {
+                "gradient_noise": {
+                    "b_simple": CURVE_NOISE_SCALE,
+                    "grad_sq": 1.0,
+                    "trace": CURVE_NOISE_SCALE,
+                    "windows": 8,
+                    "skipped_windows": 0,
+                }
+            }
+            if accumulation > 1
+            else {}
+        )
         if budget.train_seconds is None:
             loss = curve_loss(micro, accumulation, lr, budget.train_samples)
         else:
@@ -182,6 +193,12 @@ def curve_workload() -> Workload:
     x = np.zeros((4096, 2), dtype=np.float32)
     y = np.zeros(4096, dtype=np.int64)
     return Workload(
-        name="curves", x_train=x, y_train=y, x_val=x, y_val=y, models={"curve": lambda: None},
-        base_batch_size=32, base_learning_rate=1e-3,
+        name="curves",
+        x_train=x,
+        y_train=y,
+        x_val=x,
+        y_val=y,
+        models={"curve": lambda: None},
+        base_batch_size=32,
+        base_learning_rate=1e-3,
     )

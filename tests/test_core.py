@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from autobatch import InvalidParameterError, MemoryBudget, TrialBudget, TrialConfig, TrialResult
-from autobatch.errors import BackendNotFoundError, TaskLoadError
 from autobatch.core.registry import backend_names, backend_path
 from autobatch.core.windows import SampleStream, plan_windows
+from autobatch.errors import BackendNotFoundError, TaskLoadError
 from autobatch.tasks.workload import load_workload
 
 

@@ -36,8 +36,14 @@ def real_study(tmp_path_factory):
     """A real short study on the synthetic backend; micro-batches are searched past the wall, so some are skipped."""
     path = tmp_path_factory.mktemp("dashboard") / "study.db"
     result = tune(
-        **SYNTHETIC, memory_budget="256MiB", device="cpu", n_trials=8, storage=f"sqlite:///{path}",
-        study_name=STUDY_NAME, search_space=SearchSpace(max_micro_batch=400), seed=1,
+        **SYNTHETIC,
+        memory_budget="256MiB",
+        device="cpu",
+        n_trials=8,
+        storage=f"sqlite:///{path}",
+        study_name=STUDY_NAME,
+        search_space=SearchSpace(max_micro_batch=400),
+        seed=1,
     )
     assert result.recommended is not None
     return f"sqlite:///{path}", result
@@ -64,8 +70,15 @@ def test_dashboard_shows_the_note_and_plots_in_chromium(real_study, tmp_path):
         rec = result.recommended
         expected = f"micro-batch {rec['micro_batch_size']} × accumulation {rec['accumulation_steps']}"
         assert expected in note_page, f"{expected!r} not in the rendered note page: {note_page[:1500]!r}"
-        for text in ("Recommended config", "Memory wall", f"fits is {result.max_micro_batch}",
-                     "Feasible Pareto front", "Infeasible trials", "are excluded", "Excluded trials:"):
+        for text in (
+            "Recommended config",
+            "Memory wall",
+            f"fits is {result.max_micro_batch}",
+            "Feasible Pareto front",
+            "Infeasible trials",
+            "are excluded",
+            "Excluded trials:",
+        ):
             assert text in note_page, text
 
         study_page = _rendered_text(chromium, tmp_path, base, ARTIFACTS / "dashboard_study.png", "1400,3000")
@@ -153,15 +166,19 @@ def test_pareto_plot_draws_infeasible_trials_apart_by_kind():
     counts = {gid: len(c.get_offsets()) for gid, c in collections.items()}
     assert counts == {"infeasible:oom": 2, "infeasible:skipped": 1, "infeasible:diverged": 1, "infeasible:failed": 1}
     labels = {c.get_label() for c in collections.values()}
-    assert {"out of memory (2)", "skipped: predicted over budget (1)", "diverged (loss not finite) (1)",
-            "failed (error) (1)"} <= labels
+    assert {
+        "out of memory (2)",
+        "skipped: predicted over budget (1)",
+        "diverged (loss not finite) (1)",
+        "failed (error) (1)",
+    } <= labels
     assert "infeasible trials, excluded (5)" in side.get_title()
     # The micro-batch of each infeasible trial is what the side panel plots.
     assert sorted(y for c in collections.values() for _, y in c.get_offsets()) == sorted(numbers["infeasible_micro"])
 
     # Nothing infeasible on the main axes: no placeholder values (0 samples/s, loss 1e3) anywhere.
     points = [tuple(xy) for c in main.collections for xy in c.get_offsets()]
-    points += [xy for line in main.get_lines() for xy in zip(*line.get_data())]
+    points += [xy for line in main.get_lines() for xy in zip(*line.get_data(), strict=True)]
     assert points and all(x > 0 and y < 1 for x, y in points)
     front = next(line for line in main.get_lines() if line.get_label().startswith("feasible Pareto front"))
     assert sorted(front.get_xdata()) == [2000.0, 2600.0, 2900.0]
@@ -177,8 +194,14 @@ def test_memory_plot_shows_budget_model_and_probes():
     study, _ = _hand_made_study()
     axes = memory_figure(StudyPlotData.from_study(study)).axes[0]
     labels = axes.get_legend_handles_labels()[1]
-    for text in ("fitted model: 200.00 MiB + 7.00 MiB × micro-batch", "probe runs (3)", "memory budget 1.00 GiB",
-                 "probe limit (budget less 5% margin)", "memory wall (probe): micro-batch 100", "out of memory"):
+    for text in (
+        "fitted model: 200.00 MiB + 7.00 MiB × micro-batch",
+        "probe runs (3)",
+        "memory budget 1.00 GiB",
+        "probe limit (budget less 5% margin)",
+        "memory wall (probe): micro-batch 100",
+        "out of memory",
+    ):
         assert any(label.startswith(text) for label in labels), (text, labels)
     model = next(line for line in axes.get_lines() if line.get_label().startswith("fitted model"))
     xs, ys = model.get_data()
@@ -218,30 +241,59 @@ def _hand_made_study():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(["throughput (samples/s)", "validation loss"])
     budget = 1024 * MIB
-    study.set_user_attr("autobatch", {
-        "task": "hand-made", "backend": "torch", "device": "cpu", "memory_budget_bytes": budget,
-        "memory_budget": "1GiB", "safety_margin": 0.05, "loss_tolerance": 0.02,
-    })
+    study.set_user_attr(
+        "autobatch",
+        {
+            "task": "hand-made",
+            "backend": "torch",
+            "device": "cpu",
+            "memory_budget_bytes": budget,
+            "memory_budget": "1GiB",
+            "safety_margin": 0.05,
+            "loss_tolerance": 0.02,
+        },
+    )
     probes = [(4, "ok", 228), (32, "ok", 424), (120, "oom", None), (100, "ok", 900)]
-    study.set_user_attr("autobatch_probe", {
-        "max_micro_batch": 100, "budget_bytes": budget, "safety_margin": 0.05, "seconds": 3.0,
-        "memory_model": {"intercept_bytes": 200 * MIB, "bytes_per_sample": 7 * MIB, "points": []},
-        "probes": [{"micro_batch": m, "status": s, "peak_memory_bytes": p and p * MIB} for m, s, p in probes],
-    })
+    study.set_user_attr(
+        "autobatch_probe",
+        {
+            "max_micro_batch": 100,
+            "budget_bytes": budget,
+            "safety_margin": 0.05,
+            "seconds": 3.0,
+            "memory_model": {"intercept_bytes": 200 * MIB, "bytes_per_sample": 7 * MIB, "points": []},
+            "probes": [{"micro_batch": m, "status": s, "peak_memory_bytes": p and p * MIB} for m, s, p in probes],
+        },
+    )
     numbers = {"oom": [], "infeasible_micro": []}
 
     def add(micro, accumulation, lr, values, *, state=TrialState.COMPLETE, **outcome):
         attrs = {
-            "micro_batch_size": micro, "accumulation_steps": accumulation, "effective_batch_size": micro * accumulation,
-            "learning_rate": lr, "memory_budget_bytes": budget, "predicted_peak_bytes": (200 + 7 * micro) * MIB,
-            "framework": "torch", "device": "cpu", "skipped_by_model": False, "oom": False, "oom_phase": None,
-            "diverged": False, "status": "ok", "feasible": True, "peak_memory_bytes": (200 + 7 * micro) * MIB,
+            "micro_batch_size": micro,
+            "accumulation_steps": accumulation,
+            "effective_batch_size": micro * accumulation,
+            "learning_rate": lr,
+            "memory_budget_bytes": budget,
+            "predicted_peak_bytes": (200 + 7 * micro) * MIB,
+            "framework": "torch",
+            "device": "cpu",
+            "skipped_by_model": False,
+            "oom": False,
+            "oom_phase": None,
+            "diverged": False,
+            "status": "ok",
+            "feasible": True,
+            "peak_memory_bytes": (200 + 7 * micro) * MIB,
             "samples_per_second": values[0] if values else None,
         }
         attrs.update(outcome)
         constraint = attrs["peak_memory_bytes"] / budget - 1 if attrs["peak_memory_bytes"] else 0.2
-        trial = create_trial(state=state, values=values, user_attrs=attrs,
-                             system_attrs={"constraints:memory": constraint} if values else {})
+        trial = create_trial(
+            state=state,
+            values=values,
+            user_attrs=attrs,
+            system_attrs={"constraints:memory": constraint} if values else {},
+        )
         study.add_trial(trial)
         number = len(study.trials) - 1
         if not attrs["feasible"] or attrs["diverged"]:
@@ -257,7 +309,9 @@ def _hand_made_study():
     add(300, 2, 2e-3, [0.0, 1e3], status="skipped", skipped_by_model=True, feasible=False, peak_memory_bytes=None)
     add(96, 1, 3e-3, [2900.0, 0.58])
     add(50, 1, 0.1, [2400.0, 1e3], diverged=True)
-    add(104, 1, 2e-3, [0.0, 1e3], status="oom", oom=True, oom_phase="eval", feasible=False, peak_memory_bytes=1000 * MIB)
+    add(
+        104, 1, 2e-3, [0.0, 1e3], status="oom", oom=True, oom_phase="eval", feasible=False, peak_memory_bytes=1000 * MIB
+    )
     add(40, 1, 1e-3, None, state=TrialState.FAIL, status="error", feasible=False, error="RuntimeError: boom")
     return study, numbers
 
@@ -284,7 +338,11 @@ def _dashboard(storage, port, cwd):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     process = subprocess.Popen(
         [sys.executable, "-m", "autobatch", "dashboard", "--storage", storage, "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        env=env,
     )
     try:
         yield process
@@ -316,10 +374,22 @@ def _wait_for_studies(port, process, timeout=60.0) -> list:
 def _rendered_text(chromium, tmp_path, url, screenshot, window_size) -> str:
     """The text of ``url`` as headless Chromium renders it (scripts run), with a screenshot saved."""
     command = [
-        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-proxy-server",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=20000",
-        f"--window-size={window_size}", f"--screenshot={screenshot}", "--dump-dom", url,
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-proxy-server",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--virtual-time-budget=20000",
+        f"--window-size={window_size}",
+        f"--screenshot={screenshot}",
+        "--dump-dom",
+        url,
     ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr[-2000:]

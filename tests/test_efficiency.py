@@ -38,10 +38,12 @@ def test_the_noise_scale_is_a_ratio_of_averages_and_unbounded_when_noise_swamps_
     for grad_sq, trace in ((1.0, 1.0), (0.01, 0.5)):
         estimator.add_window(10, 20, grad_sq + trace / 10, grad_sq + trace / 20)
     assert estimator.noise_scale == pytest.approx(1.5 / 1.01)
-    pooled = pooled_noise_scale([
-        {"grad_sq": 1.0, "trace": 10.0, "windows": 3, "b_simple": 10.0},
-        {"grad_sq": 2.0, "trace": 100.0, "windows": 1, "b_simple": 50.0},
-    ])
+    pooled = pooled_noise_scale(
+        [
+            {"grad_sq": 1.0, "trace": 10.0, "windows": 3, "b_simple": 10.0},
+            {"grad_sq": 2.0, "trace": 100.0, "windows": 1, "b_simple": 50.0},
+        ]
+    )
     assert pooled["b_simple"] == pytest.approx(130 / 5) and pooled["per_trial_range"] == [10.0, 50.0]
     noisy = NoiseScaleEstimator()
     noisy.add_window(4, 16, 1.0, 1.1)  # the window's gradient is no smaller than its micro-batches'
@@ -107,8 +109,12 @@ def _run_fake_schedule(monkeypatch, budget, losses, prune_at=None, window_second
 
     values = iter(losses)
     outcome = schedule_module.run_schedule(
-        schedule_module.TrialSchedule(1000, 10, 2, budget), feed=feed, train=train, evaluate=lambda: next(values),
-        progress=schedule_module.ReportingProgress(report), timer=SteadyStateTimer(budget.warmup_steps),
+        schedule_module.TrialSchedule(1000, 10, 2, budget),
+        feed=feed,
+        train=train,
+        evaluate=lambda: next(values),
+        progress=schedule_module.ReportingProgress(report),
+        timer=SteadyStateTimer(budget.warmup_steps),
     )
     return outcome, reports, trained
 
@@ -189,7 +195,12 @@ def test_tensorflow_measures_each_micro_batch_gradient_and_the_window_gradient()
     expected_micro = np.mean([squared_norm(xb, yb) for xb, yb in micro])
     expected_window = squared_norm(x, y)
     trainer = MicroBatchTrainer(
-        model, keras.optimizers.SGD(0.1), "cross_entropy", x_spec=batch_spec(x), y_spec=batch_spec(y), measure_noise=True
+        model,
+        keras.optimizers.SGD(0.1),
+        "cross_entropy",
+        x_spec=batch_spec(x),
+        y_spec=batch_spec(y),
+        measure_noise=True,
     )
     trainer.train_window(micro)
     micro_sq, window_sq = trainer.last_noise_norms()
@@ -227,7 +238,10 @@ def test_noise_scale_of_linear_regression_is_within_20_percent_on_torch_and_prun
         assert pruned.val_loss == asked[-1][1] and 0.2 <= asked[-1][2] < 0.4
         full = worker.run(TrialConfig(16, 2, 0.01), budget)  # nobody prunes: all four evaluations
         assert not full.pruned and len(full.intermediate_losses) == 4
-        assert full.intermediate_losses[-1]["train_seconds"] >= 0.4 and full.val_loss == full.intermediate_losses[-1]["val_loss"]
+        assert (
+            full.intermediate_losses[-1]["train_seconds"] >= 0.4
+            and full.val_loss == full.intermediate_losses[-1]["val_loss"]
+        )
 
 
 def test_noise_scale_of_linear_regression_is_within_20_percent_on_tensorflow():
@@ -236,8 +250,11 @@ def test_noise_scale_of_linear_regression_is_within_20_percent_on_tensorflow():
     from autobatch.backends.tensorflow import TensorFlowBackend
 
     measured = TensorFlowBackend().run_trial(
-        load_workload(LINEAR), TrialConfig(16, 4, tasks.FROZEN_LEARNING_RATE), TrialBudget(train_samples=8192),
-        "cpu", TrialProgress(),
+        load_workload(LINEAR),
+        TrialConfig(16, 4, tasks.FROZEN_LEARNING_RATE),
+        TrialBudget(train_samples=8192),
+        "cpu",
+        TrialProgress(),
     )
     noise = measured.extras["gradient_noise"]
     assert noise["b_simple"] == pytest.approx(tasks.TRUE_NOISE_SCALE, rel=0.2)
@@ -256,7 +273,10 @@ def test_time_to_target_prunes_a_third_and_recommends_no_worse_than_pareto_withi
     task = "tests.efficiency_tasks:blobs"
     budget = TrialBudget(train_seconds=0.6, evaluations=4)
     common = dict(
-        memory_budget="2GiB", n_trials=10, device="cpu", storage=f"journal:///{tmp_path}/studies.log",
+        memory_budget="2GiB",
+        n_trials=10,
+        device="cpu",
+        storage=f"journal:///{tmp_path}/studies.log",
         search_space=SearchSpace(min_micro_batch=8, max_accumulation=4),
     )
     timed = tune(task, "torch", study_name="ttt", objective="time-to-target", trial_budget=budget, **common)
@@ -282,8 +302,14 @@ def test_time_to_target_prunes_a_third_and_recommends_no_worse_than_pareto_withi
 def test_hyperband_prunes_closed_form_curves_and_recommends_the_best_finisher(tmp_path):
     seconds = 2.0
     result = tune(
-        **CURVES, memory_budget="256MiB", n_trials=12, device="cpu", storage=f"journal:///{tmp_path}/s.log",
-        objective="time-to-target", pruner="hyperband", trial_budget=TrialBudget(train_seconds=seconds, evaluations=4),
+        **CURVES,
+        memory_budget="256MiB",
+        n_trials=12,
+        device="cpu",
+        storage=f"journal:///{tmp_path}/s.log",
+        objective="time-to-target",
+        pruner="hyperband",
+        trial_budget=TrialBudget(train_seconds=seconds, evaluations=4),
     )
     study = result.study
     assert type(study.pruner).__name__ == "HyperbandPruner"
@@ -291,8 +317,9 @@ def test_hyperband_prunes_closed_form_curves_and_recommends_the_best_finisher(tm
     finished = [t for t in study.trials if t.state.name == "COMPLETE" and t.user_attrs["feasible"]]
     for trial in finished:
         attrs = trial.user_attrs
-        expected = tasks.curve_loss_within(attrs["micro_batch_size"], attrs["accumulation_steps"],
-                                           attrs["learning_rate"], seconds)
+        expected = tasks.curve_loss_within(
+            attrs["micro_batch_size"], attrs["accumulation_steps"], attrs["learning_rate"], seconds
+        )
         assert trial.values[0] == pytest.approx(expected)
         assert sorted(trial.intermediate_values) == [1, 2, 3]  # the last evaluation is the value, not a report
     rec = result.recommended
@@ -306,7 +333,11 @@ def test_hyperband_prunes_closed_form_curves_and_recommends_the_best_finisher(tm
 @pytest.mark.slow
 def test_goodput_ranks_by_throughput_times_efficiency_at_the_rules_learning_rate(tmp_path):
     result = tune(
-        **CURVES, memory_budget="256MiB", n_trials=8, device="cpu", storage=f"journal:///{tmp_path}/s.log",
+        **CURVES,
+        memory_budget="256MiB",
+        n_trials=8,
+        device="cpu",
+        storage=f"journal:///{tmp_path}/s.log",
         objective="goodput",
     )
     study = result.study
@@ -321,7 +352,9 @@ def test_goodput_ranks_by_throughput_times_efficiency_at_the_rules_learning_rate
         assert trial.values[0] == pytest.approx(tasks.curve_throughput(micro, accumulation) * efficiency)
         assert "lr_offset_decades" not in trial.params  # goodput cannot rank learning rates: the rule sets it
         assert trial.user_attrs["learning_rate"] == pytest.approx(
-            scaled_learning_rate(1e-3, 32, batch, "adascale", 0.0, noise_scale=tasks.CURVE_NOISE_SCALE, optimizer="adam")
+            scaled_learning_rate(
+                1e-3, 32, batch, "adascale", 0.0, noise_scale=tasks.CURVE_NOISE_SCALE, optimizer="adam"
+            )
         )
     best = max(feasible, key=lambda t: t.values[0])
     assert result.recommended["trial_number"] == best.number
@@ -369,8 +402,13 @@ def test_pruned_trials_count_toward_the_trial_goal_of_local_workers(tmp_path):
     # With two workers the goal is counted in the storage: a pruned trial ran and was judged, so it
     # counts, as in Optuna's own n_trials; otherwise the workers would run on until 6 had completed.
     result = tune(
-        **CURVES, memory_budget="256MiB", n_trials=6, n_workers=2, device="cpu",
-        storage=f"sqlite:///{tmp_path}/s.db", objective="time-to-target",
+        **CURVES,
+        memory_budget="256MiB",
+        n_trials=6,
+        n_workers=2,
+        device="cpu",
+        storage=f"sqlite:///{tmp_path}/s.db",
+        objective="time-to-target",
         trial_budget=TrialBudget(train_seconds=1.0, evaluations=4),
     )
     states = [t.state.name for t in result.study.trials]

@@ -48,7 +48,11 @@ def tensorflow_gpu():
 def test_a_micro_batch_over_the_cap_runs_out_of_cuda_memory(torch_cuda):
     # 2048 images of 3x64x64: one 16-channel activation alone is 512 MiB in float32.
     result = run_trial(
-        "synthetic-images", "torch", TrialConfig(2048), memory_budget="256MiB", device="cuda:0",
+        "synthetic-images",
+        "torch",
+        TrialConfig(2048),
+        memory_budget="256MiB",
+        device="cuda:0",
         budget=TrialBudget(train_samples=2048),
     )
     assert result.status == "oom" and result.oom_phase == "train", result.error
@@ -59,7 +63,11 @@ def test_a_micro_batch_over_the_cap_runs_out_of_cuda_memory(torch_cuda):
 
 def test_a_small_micro_batch_fits_the_same_cap(torch_cuda):
     result = run_trial(
-        "synthetic-images", "torch", TrialConfig(16), memory_budget="256MiB", device="cuda:0",
+        "synthetic-images",
+        "torch",
+        TrialConfig(16),
+        memory_budget="256MiB",
+        device="cuda:0",
         budget=TrialBudget(train_samples=512),
     )
     assert result.status == "ok", result.error
@@ -69,7 +77,11 @@ def test_a_small_micro_batch_fits_the_same_cap(torch_cuda):
 
 def test_the_allocator_peak_agrees_with_nvml(torch_cuda):
     result = run_trial(
-        "synthetic-images", "torch", TrialConfig(256), memory_budget="8GiB", device="cuda:0",
+        "synthetic-images",
+        "torch",
+        TrialConfig(256),
+        memory_budget="8GiB",
+        device="cuda:0",
         budget=TrialBudget(train_samples=16384),  # a second or more of training: several samples
     )
     assert result.status == "ok", result.error
@@ -78,8 +90,10 @@ def test_the_allocator_peak_agrees_with_nvml(torch_cuda):
     # NVML reads the whole device: the trial's share is what it added to the reading at its start.
     added = telemetry["peak_device_memory_bytes"] - telemetry["device_memory_at_start_bytes"]
     reserved = result.peak_memory_bytes  # the caching allocator's reserved peak
-    print(f"allocator reserved peak {reserved / MIB:.0f} MiB, NVML added {added / MIB:.0f} MiB, "
-          f"mean GPU utilization {telemetry.get('mean_gpu_utilization')}%, power {telemetry.get('mean_power_watts')} W")
+    print(
+        f"allocator reserved peak {reserved / MIB:.0f} MiB, NVML added {added / MIB:.0f} MiB, "
+        f"mean GPU utilization {telemetry.get('mean_gpu_utilization')}%, power {telemetry.get('mean_power_watts')} W"
+    )
     assert reserved > 100 * MIB
     assert added >= reserved - 64 * MIB  # NVML sees at least what the allocator holds (it keeps its cache)
     assert added - reserved <= CONTEXT_ALLOWANCE  # and beyond it only the context
@@ -96,12 +110,20 @@ def test_a_share_budget_is_a_share_of_the_gpu_total(torch_cuda):
 
 def test_tensorflow_memory_limit_makes_a_large_micro_batch_run_out_of_memory(tensorflow_gpu):
     big = run_trial(
-        "synthetic-images", "tensorflow", TrialConfig(2048), memory_budget="256MiB", device="cuda:0",
+        "synthetic-images",
+        "tensorflow",
+        TrialConfig(2048),
+        memory_budget="256MiB",
+        device="cuda:0",
         budget=TrialBudget(train_samples=2048),
     )
     assert big.status == "oom", big.error
     small = run_trial(
-        "synthetic-images", "tensorflow", TrialConfig(16), memory_budget="256MiB", device="cuda:0",
+        "synthetic-images",
+        "tensorflow",
+        TrialConfig(16),
+        memory_budget="256MiB",
+        device="cuda:0",
         budget=TrialBudget(train_samples=512),
     )
     assert small.status == "ok", small.error
@@ -110,8 +132,21 @@ def test_tensorflow_memory_limit_makes_a_large_micro_batch_run_out_of_memory(ten
 
 def test_a_short_tune_on_cuda_uses_the_default_budget_and_advises(torch_cuda, run_cli):
     done = run_cli(
-        "tune", "synthetic-images", "--backend", "torch", "--device", "cuda:0", "--trials", "3",
-        "--samples", "1024", "--storage", "sqlite:///gpu.db", "--study-name", "gpu", "--json",
+        "tune",
+        "synthetic-images",
+        "--backend",
+        "torch",
+        "--device",
+        "cuda:0",
+        "--trials",
+        "3",
+        "--samples",
+        "1024",
+        "--storage",
+        "sqlite:///gpu.db",
+        "--study-name",
+        "gpu",
+        "--json",
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -95,7 +95,10 @@ def test_imports_point_down_the_flow():
         for target in sorted(targets)
         if module != "autobatch" and stage_rank(target) is not None and stage_rank(target) > stage_rank(module)
     ]
-    assert upward == [], "imports against the flow (DESIGN.md: cli -> search/training/report -> process -> backends -> core):\n" + "\n".join(upward)
+    assert upward == [], (
+        "imports against the flow (DESIGN.md: cli -> search/training/report -> process -> backends -> core):\n"
+        + "\n".join(upward)
+    )
 
 
 def test_no_import_circles():

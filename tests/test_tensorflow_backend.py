@@ -46,7 +46,7 @@ def _splits(x, y, size):
 
 def _assert_all_close(actual, expected, rtol=1e-5, atol=1e-6):
     assert len(actual) == len(expected)
-    for a, b in zip(actual, expected):
+    for a, b in zip(actual, expected, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol)
 
 
@@ -73,7 +73,7 @@ def test_unweighted_accumulation_would_be_wrong():
         trainer.accumulate(mb_x, mb_y, tf.constant(1 / 3, tf.float32))
     assert any(
         not np.allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
-        for a, b in zip(trainer.accumulated_gradients, full)
+        for a, b in zip(trainer.accumulated_gradients, full, strict=True)
     )
 
 
@@ -271,8 +271,20 @@ def test_cli_tune_digits_cnn_on_tensorflow_recommends_a_feasible_config(run_cli,
     import json
 
     done = run_cli(
-        "tune", "digits-cnn", "--backend", "tensorflow", "--trials", "12", "--samples", "1024",
-        "--memory-budget", "2GiB", "--storage", f"sqlite:///{tmp_path}/tf.db", "--json", timeout=900,
+        "tune",
+        "digits-cnn",
+        "--backend",
+        "tensorflow",
+        "--trials",
+        "12",
+        "--samples",
+        "1024",
+        "--memory-budget",
+        "2GiB",
+        "--storage",
+        f"sqlite:///{tmp_path}/tf.db",
+        "--json",
+        timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)

@@ -40,7 +40,7 @@ def test_accumulated_gradient_equals_full_batch_gradient_with_short_last_micro_b
     model.zero_grad()
     micro = [(x[0:4], y[0:4]), (x[4:8], y[4:8]), (x[8:10], y[8:10])]  # 4, 4 and a short 2
     train_window(model, _NoStep(model.parameters(), lr=0.1), loss_fn, micro)
-    for accumulated, reference in zip(_gradients(model), full):
+    for accumulated, reference in zip(_gradients(model), full, strict=True):
         torch.testing.assert_close(accumulated, reference, rtol=1e-10, atol=1e-12)
 
 
@@ -52,7 +52,7 @@ def test_unweighted_accumulation_would_be_wrong():
     model.zero_grad()
     for xb, yb in [(x[0:4], y[0:4]), (x[4:8], y[4:8]), (x[8:10], y[8:10])]:
         (torch.nn.functional.cross_entropy(model(xb), yb) / 3).backward()
-    assert any(not torch.allclose(a, b) for a, b in zip(_gradients(model), full))
+    assert any(not torch.allclose(a, b) for a, b in zip(_gradients(model), full, strict=True))
 
 
 def test_one_window_equals_one_full_batch_step():
@@ -63,7 +63,7 @@ def test_one_window_equals_one_full_batch_step():
     opt_b = torch.optim.SGD(model_b.parameters(), lr=0.5, momentum=0.9)
     train_window(model_a, opt_a, loss_fn, [(x, y)])
     train_window(model_b, opt_b, loss_fn, [(x[i : i + 5], y[i : i + 5]) for i in range(0, 13, 5)])
-    for a, b in zip(model_a.parameters(), model_b.parameters()):
+    for a, b in zip(model_a.parameters(), model_b.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert all(p.grad is None for p in model_b.parameters())  # zeroed once per window
 

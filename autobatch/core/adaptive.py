@@ -23,8 +23,9 @@ have updated some weights already, so the step cannot be repeated exactly, and
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 from autobatch import errors
 from autobatch.errors import AutobatchError, InvalidParameterError
@@ -106,7 +107,7 @@ class Adaptation:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Adaptation":
+    def from_dict(cls, data: dict[str, Any]) -> Adaptation:
         return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
 
 
@@ -240,7 +241,9 @@ class MicroBatchController:
 
     # -- changing size ---------------------------------------------------------------------------
 
-    def record_oom(self, step: int, window_size: int, detail: str, *, epoch: int | None = None, cause: str = "oom") -> Adaptation:
+    def record_oom(
+        self, step: int, window_size: int, detail: str, *, epoch: int | None = None, cause: str = "oom"
+    ) -> Adaptation:
         """Halve the micro-batch after an OOM in step ``step``; the window is to be redone.
 
         Raises :class:`MicroBatchOOMError` when the size is already at ``min_micro_batch``.
@@ -293,7 +296,14 @@ class MicroBatchController:
 
     def _oom_error(self, step: int, window_size: int, detail: str, *, adaptive: bool) -> MicroBatchOOMError:
         return MicroBatchOOMError(
-            describe_oom(step, self.micro_batch_size, window_size, detail, adaptive=adaptive, min_micro_batch=self.min_micro_batch),
+            describe_oom(
+                step,
+                self.micro_batch_size,
+                window_size,
+                detail,
+                adaptive=adaptive,
+                min_micro_batch=self.min_micro_batch,
+            ),
             step=step,
             micro_batch_size=self.micro_batch_size,
             window_size=window_size,
@@ -357,7 +367,7 @@ class AdaptiveStepper:
 
     def _take_controller(
         self,
-        controller: "MicroBatchController | None",
+        controller: MicroBatchController | None,
         micro_batch_size: int | None,
         *,
         max_micro_batch: int | None,

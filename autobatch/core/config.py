@@ -40,7 +40,7 @@ class TrialConfig:
         return {**dataclasses.asdict(self), "effective_batch_size": self.effective_batch_size}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrialConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrialConfig:
         return cls(
             micro_batch_size=int(data["micro_batch_size"]),
             accumulation_steps=int(data.get("accumulation_steps", 1)),
@@ -82,7 +82,10 @@ class TrialBudget:
         _require_positive_int("train_samples", self.train_samples)
         seconds = self.train_seconds
         if seconds is not None and (
-            isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds <= 0
+            isinstance(seconds, bool)
+            or not isinstance(seconds, (int, float))
+            or not math.isfinite(seconds)
+            or seconds <= 0
         ):
             raise InvalidParameterError("train_seconds", seconds, "must be a number of seconds > 0, or None")
         _require_positive_int("evaluations", self.evaluations)
@@ -98,7 +101,7 @@ class TrialBudget:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrialBudget":
+    def from_dict(cls, data: dict[str, Any]) -> TrialBudget:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
@@ -160,7 +163,7 @@ class TrialResult:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrialResult":
+    def from_dict(cls, data: dict[str, Any]) -> TrialResult:
         data = dict(data)
         data["config"] = TrialConfig.from_dict(data["config"])
         data["telemetry"] = data.get("telemetry") or {}  # JSON from before telemetry has none

@@ -10,10 +10,18 @@ from autobatch.errors import InvalidParameterError
 _UNITS = {
     "": 1,
     "b": 1,
-    "k": 1000, "kb": 1000, "kib": 1024,
-    "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
-    "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
-    "t": 1000**4, "tb": 1000**4, "tib": 1024**4,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
 }
 _PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z%]*)\s*$")
 _ALLOWED = "expected a size such as '1.5GiB', '800MB', '1073741824' or a share of the device such as '75%'"
@@ -30,8 +38,19 @@ class MemoryBudget:
     nbytes: int | None = None
     fraction: float | None = None
 
+    def __post_init__(self) -> None:
+        if (self.nbytes is None) == (self.fraction is None):
+            raise TypeError("MemoryBudget takes exactly one of nbytes and fraction")
+
+    @property
+    def share(self) -> float:
+        """The share of the device, for a budget given as one (``fraction``)."""
+        if self.fraction is None:
+            raise TypeError(f"the budget {self} is absolute, not a share")
+        return self.fraction
+
     @classmethod
-    def parse(cls, value: "str | int | float | MemoryBudget", parameter: str = "memory_budget") -> "MemoryBudget":
+    def parse(cls, value: str | int | float | MemoryBudget, parameter: str = "memory_budget") -> MemoryBudget:
         if isinstance(value, MemoryBudget):
             return value
         if isinstance(value, bool):
@@ -61,12 +80,12 @@ class MemoryBudget:
         """The budget in bytes on ``device`` (``"cpu"`` or ``"cuda:N"``)."""
         if self.nbytes is not None:
             return self.nbytes
-        return int(self.fraction * device_memory_bytes(device))
+        return int(self.share * device_memory_bytes(device))
 
     def __str__(self) -> str:
         if self.nbytes is not None:
             return format_bytes(self.nbytes)
-        return f"{self.fraction * 100:g}%"
+        return f"{self.share * 100:g}%"
 
 
 #: the budget when none is given: this share of the GPU's total memory, or of the RAM available on the CPU
@@ -98,7 +117,7 @@ def device_memory_bytes(device: str) -> int:
     return available
 
 
-def cgroup_memory_limit() -> "tuple[int, int] | None":
+def cgroup_memory_limit() -> tuple[int, int] | None:
     """(limit, bytes in use less reclaimable file cache) of this process's memory cgroup, or None without a limit."""
     try:
         with open("/proc/self/cgroup") as handle:
@@ -109,7 +128,10 @@ def cgroup_memory_limit() -> "tuple[int, int] | None":
         if controllers == "":  # cgroup v2
             files, root = ("memory.max", "memory.current", "inactive_file"), "/sys/fs/cgroup"
         elif "memory" in controllers.split(","):  # cgroup v1
-            files, root = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"), "/sys/fs/cgroup/memory"
+            files, root = (
+                ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+                "/sys/fs/cgroup/memory",
+            )
         else:
             continue
         # Inside a container the cgroup's own directory is usually mounted as the root.
@@ -124,7 +146,7 @@ def cgroup_memory_limit() -> "tuple[int, int] | None":
     return None
 
 
-def _read_number(path: str) -> "int | None":
+def _read_number(path: str) -> int | None:
     try:
         with open(path) as handle:
             text = handle.read().strip()
@@ -135,7 +157,7 @@ def _read_number(path: str) -> "int | None":
     return int(text) if text.isdigit() else None
 
 
-def _read_stat(path: str, key: str) -> "int | None":
+def _read_stat(path: str, key: str) -> int | None:
     try:
         with open(path) as handle:
             for line in handle:

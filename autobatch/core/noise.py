@@ -19,7 +19,7 @@ and AdaScale's learning-rate gain, below. Framework-free: backends hand in squar
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 
 class NoiseScaleEstimator:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from autobatch.core.progress import TrialProgress
 from autobatch.core.windows import SampleStream, SteadyStateTimer, Window, extra_timing_windows, plan_windows
@@ -95,7 +96,9 @@ class TrialSchedule:
         return self._take(extra * self.micro_batch_size * self.accumulation_steps)
 
     def _take(self, samples: int) -> list[Window]:
-        windows = list(plan_windows(self._stream, samples, self.micro_batch_size, self.accumulation_steps, self._next_index))
+        windows = list(
+            plan_windows(self._stream, samples, self.micro_batch_size, self.accumulation_steps, self._next_index)
+        )
         self._next_index += len(windows)
         return windows
 

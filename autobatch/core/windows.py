@@ -7,8 +7,8 @@ sample order on PyTorch and TensorFlow.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 

@@ -8,8 +8,9 @@ factory returns a :class:`Workload`, so a spawned worker can rebuild it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -52,10 +53,14 @@ class Workload:
             raise InvalidParameterError("optimizer", self.optimizer, f"must be one of {OPTIMIZERS}")
         if len(self.x_train) != len(self.y_train) or len(self.x_val) != len(self.y_val):
             raise InvalidParameterError(
-                "x_train/y_train", (len(self.x_train), len(self.y_train)), "inputs and targets must have the same length"
+                "x_train/y_train",
+                (len(self.x_train), len(self.y_train)),
+                "inputs and targets must have the same length",
             )
         if len(self.x_train) == 0 or len(self.x_val) == 0:
-            raise InvalidParameterError("x_train/x_val", (len(self.x_train), len(self.x_val)), "splits must not be empty")
+            raise InvalidParameterError(
+                "x_train/x_val", (len(self.x_train), len(self.x_val)), "splits must not be empty"
+            )
 
     def build_model(self, framework: str) -> Any:
         """A fresh, untrained model for ``framework``."""
