@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from autobatch.core.config import TrialBudget, TrialConfig
 from autobatch.core.progress import TrialProgress
+from autobatch.errors import AutobatchError
 from autobatch.tasks.workload import Workload
 
 if TYPE_CHECKING:
@@ -15,7 +16,11 @@ if TYPE_CHECKING:
 
     from autobatch.core.adaptive import MicroBatchController
 
-__all__ = ["Backend", "TrainingSession", "TrialMeasurements", "TrialProgress"]
+__all__ = ["Backend", "DeviceConfigurationError", "TrainingSession", "TrialMeasurements", "TrialProgress"]
+
+
+class DeviceConfigurationError(AutobatchError):
+    """A device setting (a memory cap, memory growth) could not be applied: the device would run uncapped."""
 
 
 @dataclass
@@ -33,10 +38,11 @@ class TrialMeasurements:
 class Backend(abc.ABC):
     """One framework's way to run a trial.
 
-    An instance lives inside a trial worker. The worker calls, in order:
-    :meth:`apply_memory_cap` (before the framework touches the device), then
-    :meth:`run_trial`; on an exception it asks :meth:`is_oom`. On a GPU the peak
-    comes from :meth:`peak_memory_bytes`; on the CPU the worker measures the process.
+    An instance lives inside a trial worker (or the training process). The worker calls, in
+    order: :meth:`configure_device` right after the import, before the task loads; then, in
+    the process that runs the trial, :meth:`apply_memory_cap` and :meth:`run_trial`; on an
+    exception it asks :meth:`is_oom`. On a GPU the peak is :meth:`peak_memory_bytes` plus
+    :meth:`device_overhead_bytes`; on the CPU the worker measures the process.
     """
 
     #: the framework's short name, as used in ``Workload.models``
@@ -50,16 +56,27 @@ class Backend(abc.ABC):
         return "cpu"
 
     def fork_safe(self, device: str) -> bool:
-        """Whether trials on ``device`` may run in processes forked after this backend was
-        imported and the task loaded, before any device or thread pool was touched."""
+        """Whether trials on ``device`` may run in processes forked now: after this backend was
+        imported and the task loaded. False once loading touched a device runtime that a
+        fork breaks (CUDA): each trial then gets a new process."""
         return False
+
+    def configure_device(self, device: str, budget_bytes: int | None) -> None:
+        """Settings that must precede the framework's first use of ``device``; the first call in a child.
+
+        Called right after the import, before the task loads (the task may run ops). It must
+        not start a runtime that a later fork would break (CUDA in PyTorch). Raises
+        :class:`DeviceConfigurationError` when a setting could not be applied.
+        """
+        return None
 
     @abc.abstractmethod
     def apply_memory_cap(self, budget_bytes: int, device: str) -> None:
         """Make the framework fail with its OOM error beyond ``budget_bytes`` on ``device``.
 
-        On the CPU the worker has already set ``RLIMIT_DATA``; a backend only needs
-        to act for accelerators.
+        Called in the process that runs the trial, before it starts. On the CPU the worker
+        has already set ``RLIMIT_DATA``; a backend only needs to act for accelerators, and
+        raises (never passes silently) when the cap cannot be applied.
         """
 
     @abc.abstractmethod
@@ -78,6 +95,14 @@ class Backend(abc.ABC):
 
     def current_memory_bytes(self, device: str) -> int | None:
         """The device allocator's bytes in use now; ``None`` on the CPU."""
+        return None
+
+    def device_overhead_bytes(self, device: str) -> int | None:
+        """What this process holds on ``device`` now outside the allocator the cap governs.
+
+        The CUDA context, the kernels loaded into it, the libraries' handles and workspaces:
+        they count against the budget too. ``None`` on the CPU or where it cannot be measured.
+        """
         return None
 
     def reset_peak_memory(self, device: str) -> None:

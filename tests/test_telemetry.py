@@ -10,63 +10,16 @@ import autobatch.core.devices
 from autobatch import TrialBudget, TrialConfig, TrialResult, run_trial
 from autobatch.core.memory import MemoryBudget, describe_budget, device_memory_bytes
 from autobatch.process.telemetry import TelemetrySampler, advice, telemetry_attrs
+from tests.fake_nvml import FakeGpu, FakeNvml
 
 SYNTHETIC = dict(task="tests.synthetic_backend:workload", backend="tests.synthetic_backend:SyntheticBackend")
 MIB = 2**20
 GIB = 2**30
 
 
-class FakeNvml:
-    """Readings a test sets one by one: what pynvml would return for one GPU."""
-
-    def __init__(self, monkeypatch, pynvml):
-        self.used = 0
-        self.gpu = self.memory = 0
-        self.milliwatts = 0
-        self.clock = 0
-        self.handles = []
-        self.power_supported = True
-        total = 80 * GIB
-        patches = {
-            "nvmlInit": lambda: None,
-            "nvmlShutdown": lambda: None,
-            "nvmlDeviceGetHandleByIndex": lambda index: self._handle(("index", index)),
-            "nvmlDeviceGetHandleByUUID": lambda uuid: self._handle(("uuid", uuid)),
-            "nvmlDeviceGetName": lambda handle: b"Fake GPU",
-            "nvmlDeviceGetMemoryInfo": lambda handle: SimpleNamespace(
-                total=total, used=self.used, free=total - self.used
-            ),
-            "nvmlDeviceGetUtilizationRates": lambda handle: SimpleNamespace(gpu=self.gpu, memory=self.memory),
-            "nvmlDeviceGetPowerUsage": self._power,
-            "nvmlDeviceGetClockInfo": lambda handle, clock: self.clock,
-        }
-        for name, function in patches.items():
-            monkeypatch.setattr(pynvml, name, function)
-        self.pynvml = pynvml
-
-    def _handle(self, key):
-        self.handles.append(key)
-        return key
-
-    def _power(self, handle):
-        if not self.power_supported:
-            raise self.pynvml.NVMLError(self.pynvml.NVML_ERROR_NOT_SUPPORTED)
-        return self.milliwatts
-
-    def set(self, used_gib, gpu, memory, watts, clock):
-        self.used, self.gpu, self.memory, self.milliwatts, self.clock = (
-            int(used_gib * GIB),
-            gpu,
-            memory,
-            watts * 1000,
-            clock,
-        )
-
-
 @pytest.fixture
 def fake_nvml(monkeypatch):
     pynvml = pytest.importorskip("pynvml")
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     return FakeNvml(monkeypatch, pynvml)
 
 
@@ -112,11 +65,14 @@ def test_an_unsupported_reading_is_noted_once_and_skipped(fake_nvml):
     assert len(summary["notes"]) == 1 and "power" in summary["notes"][0]
 
 
-@pytest.mark.parametrize("visible, expected", [("3", ("index", 3)), ("GPU-0a1b, 2", ("uuid", "GPU-0a1b"))])
+@pytest.mark.parametrize("visible, expected", [("3", 2), ("GPU-0a1b, 2", 0)])
 def test_nvml_reads_the_gpu_that_cuda_visible_devices_names(fake_nvml, monkeypatch, visible, expected):
+    # NVML lists the GPUs out of PCI bus order; CUDA (and CUDA_VISIBLE_DEVICES's integers) go by it.
+    fake_nvml.gpus[:] = [FakeGpu(uuid=f"GPU-{i}{i}", bus=bus) for i, bus in enumerate((0x81, 0x3B, 0xC1, 0x41))]
+    fake_nvml.gpus[0].uuid = "GPU-0a1b2c"  # CUDA takes a unique prefix of a UUID
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     TelemetrySampler("cuda:0", interval=3600).start().stop()
-    assert fake_nvml.handles[0] == expected
+    assert fake_nvml.handles_read[0] is fake_nvml.gpus[expected]
 
 
 def test_devices_lists_what_nvml_sees_and_budgets_are_shares_of_it(fake_nvml, monkeypatch):

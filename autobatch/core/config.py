@@ -113,10 +113,14 @@ class TrialResult:
     ``status`` is ``ok``, ``oom`` (the memory budget was hit; ``oom_phase`` says
     where), ``error`` (anything else went wrong; ``error`` holds the reason) or
     ``timeout``. Memory figures are bytes. ``peak_memory_bytes`` is what compares
-    with the budget: the allocator's reserved peak on a GPU; on the CPU the worker's
-    peak resident memory plus the data segment's untouched reservations, since the
-    CPU cap (``RLIMIT_DATA``) counts those too. ``peak_resident_bytes`` is the plain
-    resident peak; ``baseline_memory_bytes`` is the data segment (or allocator)
+    with the budget (``memory_budget_covers`` says what that is on the trial's device):
+    on the CPU the worker's peak resident memory plus the data segment's untouched
+    reservations, since the CPU cap (``RLIMIT_DATA``) counts those too; on a GPU the
+    allocator's peak (``allocator_peak_bytes``: bytes reserved in PyTorch, bytes in use
+    in TensorFlow) plus what the process holds outside the allocator
+    (``device_overhead_bytes``: the CUDA context, kernels and library workspaces,
+    measured with NVML; ``None`` where it could not be). ``peak_resident_bytes`` is the
+    plain resident peak; ``baseline_memory_bytes`` is the data segment (or allocator)
     size once the model is built, before training.
     """
 
@@ -128,6 +132,12 @@ class TrialResult:
     peak_resident_bytes: int | None = None
     baseline_memory_bytes: int | None = None
     memory_budget_bytes: int | None = None
+    #: what the budget covers on this trial's device (:func:`autobatch.core.memory.budget_coverage`)
+    memory_budget_covers: str | None = None
+    #: on a GPU: the framework allocator's own peak, before the memory outside it is added
+    allocator_peak_bytes: int | None = None
+    #: on a GPU: what the trial process held outside the allocator at the end (CUDA context, kernels, workspaces)
+    device_overhead_bytes: int | None = None
     oom_phase: str | None = None
     error: str | None = None
     samples_trained: int = 0

@@ -1,11 +1,14 @@
 """What devices the trials can run on, found without importing a framework.
 
 The device facts that every stage may ask (the default device, a GPU's total memory, NVML's
-handle) and what NVML says of the driver and each GPU, for ``autobatch devices``.
+handle for a CUDA device, what this process holds on it) and what NVML says of the driver and
+each GPU, for ``autobatch devices``. NVML numbers GPUs its own way: a CUDA device is found by
+PCI bus id or UUID (:func:`cuda_devices`), and a MIG slice by its own handle.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 from typing import Any
@@ -81,28 +84,214 @@ def cuda_index(device: str) -> int:
 
 
 def nvml_handle(device: str):
-    """NVML's handle for ``cuda:N`` as this process sees it (NVML must be initialised).
+    """NVML's handle for ``cuda:N`` as CUDA numbers it in this process (NVML must be initialised).
 
-    CUDA numbers the GPUs that ``CUDA_VISIBLE_DEVICES`` lists, in its order; NVML numbers
-    all of them. An entry given as a UUID (``GPU-...``, ``MIG-...``) is looked up by UUID.
+    NVML's own indices need not match CUDA's (NVML says so), so a GPU is matched by PCI bus
+    id or UUID, never by index: CUDA numbers the GPUs ``CUDA_VISIBLE_DEVICES`` lists, in its
+    order (an integer there is CUDA's own index, a ``GPU-``/``MIG-`` UUID names one device),
+    or all of them, ordered as ``CUDA_DEVICE_ORDER`` says. A GPU in MIG mode is used by CUDA
+    as one of its MIG devices, whose handle (and memory) is returned, not the whole GPU's.
+    Raises :class:`AutobatchError` when ``device`` is not visible or cannot be told apart.
     """
     import pynvml
 
     index = cuda_index(device)
+    devices = cuda_devices(pynvml)
+    if index >= len(devices):
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        where = f"CUDA_VISIBLE_DEVICES={visible!r} lists" if visible is not None else "NVML sees"
+        raise AutobatchError(f"{device} is not visible: {where} {len(devices)} GPU(s)")
+    return devices[index].handle
+
+
+class CudaDevice:
+    """One device as CUDA numbers it: NVML's handle (a MIG device's where CUDA uses one) and its GPU's NVML index."""
+
+    def __init__(self, handle, nvml_index: int, mig: bool):
+        self.handle = handle
+        self.nvml_index = nvml_index
+        self.mig = mig
+
+
+def cuda_devices(pynvml) -> list[CudaDevice]:
+    """The devices CUDA numbers 0, 1, ... in this process, found through NVML (initialised)."""
+    gpus = [pynvml.nvmlDeviceGetHandleByIndex(index) for index in range(pynvml.nvmlDeviceGetCount())]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        ids = visible_cuda_ids(visible)
-        if index >= len(ids):
-            raise AutobatchError(f"{device} is not visible: CUDA_VISIBLE_DEVICES={visible!r} lists {len(ids)} GPU(s)")
-        if ids[index].isdigit():
-            return pynvml.nvmlDeviceGetHandleByIndex(int(ids[index]))
-        return pynvml.nvmlDeviceGetHandleByUUID(ids[index])
-    return pynvml.nvmlDeviceGetHandleByIndex(index)
+    if visible is None:
+        return [_as_cuda_device(pynvml, gpus, gpu) for gpu in _in_cuda_order(pynvml, gpus)]
+    devices: list[CudaDevice] = []
+    ordered: list | None = None
+    for entry in visible_cuda_ids(visible):
+        if entry.isdigit():
+            ordered = _in_cuda_order(pynvml, gpus) if ordered is None else ordered
+            found = _as_cuda_device(pynvml, gpus, ordered[int(entry)]) if int(entry) < len(ordered) else None
+        elif entry.upper().startswith("MIG-"):
+            found = _mig_by_uuid(pynvml, gpus, entry)
+        else:
+            gpu = _by_uuid(pynvml, gpus, entry)
+            found = _as_cuda_device(pynvml, gpus, gpu) if gpu is not None else None
+        if found is None:
+            break  # CUDA ignores an entry it cannot find, and every entry after it
+        devices.append(found)
+    return devices
+
+
+def _in_cuda_order(pynvml, gpus: list) -> list:
+    """NVML's GPUs in the order CUDA numbers them before ``CUDA_VISIBLE_DEVICES`` picks among them.
+
+    ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` orders by PCI bus id. CUDA's default, ``FASTEST_FIRST``,
+    puts its guess of the fastest first; among GPUs of one model that is PCI bus order. With
+    GPUs of different models the order is CUDA's guess, which NVML cannot repeat: refused.
+    """
+    by_bus = sorted(gpus, key=lambda gpu: _pci_key(pynvml, gpu))
+    if os.environ.get("CUDA_DEVICE_ORDER", "FASTEST_FIRST").strip().upper() == "PCI_BUS_ID":
+        return by_bus
+    names = {_text(_try(pynvml.nvmlDeviceGetName, gpu)) for gpu in gpus}
+    if len(names) > 1:
+        raise AutobatchError(
+            f"cannot tell which NVML GPU CUDA numbers as which: the GPUs differ ({', '.join(sorted(map(str, names)))}) "
+            "and CUDA_DEVICE_ORDER is FASTEST_FIRST (CUDA's default, whose order is CUDA's guess); "
+            "set CUDA_DEVICE_ORDER=PCI_BUS_ID, or list GPU UUIDs in CUDA_VISIBLE_DEVICES"
+        )
+    return by_bus
+
+
+def _pci_key(pynvml, gpu) -> tuple[int, int, int]:
+    info = pynvml.nvmlDeviceGetPciInfo(gpu)
+    return int(info.domain), int(info.bus), int(info.device)
+
+
+def _as_cuda_device(pynvml, gpus: list, gpu) -> CudaDevice:
+    """The device CUDA uses for ``gpu``: on a GPU in MIG mode, its first MIG device."""
+    index = gpus.index(gpu)
+    migs = _mig_devices(pynvml, gpu)
+    return CudaDevice(migs[0], index, mig=True) if migs else CudaDevice(gpu, index, mig=False)
+
+
+def _mig_devices(pynvml, gpu) -> list:
+    """The MIG devices of ``gpu``; [] when MIG mode is off (or NVML cannot say)."""
+    mode = _try(pynvml.nvmlDeviceGetMigMode, gpu)
+    current = mode[0] if isinstance(mode, (list, tuple)) and mode else mode
+    if current != getattr(pynvml, "NVML_DEVICE_MIG_ENABLE", 1):
+        return []
+    devices = []
+    for slot in range(_try(pynvml.nvmlDeviceGetMaxMigDeviceCount, gpu) or 0):
+        handle = _try(pynvml.nvmlDeviceGetMigDeviceHandleByIndex, gpu, slot)
+        if handle is not None:  # an empty slot: NVML_ERROR_NOT_FOUND
+            devices.append(handle)
+    return devices
+
+
+def _by_uuid(pynvml, gpus: list, entry: str):
+    """The GPU whose UUID is ``entry``, or starts with it (CUDA takes a unique prefix); None if none or several."""
+    wanted = entry.strip().lower()
+    matches = [gpu for gpu in gpus if (_text(_try(pynvml.nvmlDeviceGetUUID, gpu)) or "").lower().startswith(wanted)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _mig_by_uuid(pynvml, gpus: list, entry: str) -> CudaDevice | None:
+    """The MIG device ``entry`` names: ``MIG-<uuid>``, or the older ``MIG-GPU-<uuid>/<gi>/<ci>``."""
+    wanted = entry.strip().lower()
+    legacy = wanted[len("mig-") :].split("/") if wanted.startswith("mig-gpu-") else None
+    for index, gpu in enumerate(gpus):
+        if legacy is not None and (_text(_try(pynvml.nvmlDeviceGetUUID, gpu)) or "").lower() != legacy[0]:
+            continue
+        for mig in _mig_devices(pynvml, gpu):
+            if legacy is None:
+                found = (_text(_try(pynvml.nvmlDeviceGetUUID, mig)) or "").lower().startswith(wanted)
+            else:
+                instance = (
+                    _try(pynvml.nvmlDeviceGetGpuInstanceId, mig),
+                    _try(pynvml.nvmlDeviceGetComputeInstanceId, mig),
+                )
+                found = len(legacy) == 3 and [str(part) for part in instance] == legacy[1:]
+            if found:
+                return CudaDevice(mig, index, mig=True)
+    return None
+
+
+def device_memory_used_bytes(device: str) -> int | None:
+    """NVML's memory in use on ``cuda:N`` (its MIG slice, if it is one), every process included; None if unknown."""
+    with _nvml() as pynvml:
+        if pynvml is None:
+            return None
+        try:
+            return int(pynvml.nvmlDeviceGetMemoryInfo(nvml_handle(device)).used)
+        except Exception:
+            return None
+
+
+def process_device_memory_bytes(device: str, pid: int | None = None) -> int | None:
+    """What process ``pid`` (this one) holds on ``cuda:N``, by NVML's account of it; None where NVML cannot say.
+
+    NVML names processes by the host's PIDs: in a container with its own PID namespace this
+    process is not found. On a MIG device NVML does not count memory per process.
+    """
+    pid = os.getpid() if pid is None else pid
+    with _nvml() as pynvml:
+        if pynvml is None:
+            return None
+        try:
+            processes = pynvml.nvmlDeviceGetComputeRunningProcesses(nvml_handle(device))
+        except Exception:
+            return None
+        used = [process.usedGpuMemory for process in processes if process.pid == pid]
+        return int(used[0]) if used and used[0] is not None else None
+
+
+class DeviceMemoryMeter:
+    """What this process holds on a CUDA device, measured through NVML without touching CUDA.
+
+    Made before this process starts CUDA, it notes the device's memory in use then. Later
+    readings are NVML's figure for this process, or where NVML has none (a container's PID
+    namespace, a MIG slice), the device's memory in use less the note: right while no other
+    process starts or ends on the device in the meantime.
+    """
+
+    def __init__(self, device: str):
+        self.device = device
+        self.used_before_bytes = device_memory_used_bytes(device)
+
+    def process_bytes(self) -> int | None:
+        """This process's memory on the device now; None where NVML cannot tell."""
+        own = process_device_memory_bytes(self.device)
+        if own is not None:
+            return own
+        if self.used_before_bytes is None:
+            return None
+        used = device_memory_used_bytes(self.device)
+        return None if used is None else max(0, used - self.used_before_bytes)
+
+    def outside_bytes(self, allocator_bytes: int) -> int | None:
+        """What this process holds on the device beyond ``allocator_bytes`` (the CUDA context, kernels, libraries)."""
+        held = self.process_bytes()
+        return None if held is None else max(0, held - allocator_bytes)
+
+
+@contextlib.contextmanager
+def _nvml():
+    """pynvml, initialised for the block (NVML counts its users), or None where there is no NVML."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        yield None
+        return
+    try:
+        yield pynvml
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
 
 
 def nvml_error_text(error: BaseException) -> str:
     """Why NVML failed, in words a person can act on."""
     name = type(error).__name__
+    if isinstance(error, AutobatchError):
+        return str(error)
     if isinstance(error, ImportError):
         return "nvidia-ml-py (module pynvml) is not installed"
     if name == "NVMLError_LibraryNotFound":
@@ -140,6 +329,10 @@ def nvml_report() -> dict[str, Any]:
             report["devices"].append(_nvml_device(pynvml, index))
     except Exception as error:
         report["error"] = nvml_error_text(error)
+    try:
+        report["cuda_devices"] = [_cuda_device_entry(pynvml, device) for device in cuda_devices(pynvml)]
+    except Exception as error:
+        report["cuda_devices_error"] = nvml_error_text(error)
     finally:
         pynvml.nvmlShutdown()
     return report
@@ -173,6 +366,18 @@ def _nvml_device(pynvml, index: int) -> dict[str, Any]:
     if processes is not None:
         device["processes"] = len(processes)
     return device
+
+
+def _cuda_device_entry(pynvml, device: CudaDevice) -> dict[str, Any]:
+    """``cuda:N`` as NVML sees it: its GPU's NVML index, and its own UUID and memory (a MIG slice's, if one)."""
+    memory = pynvml.nvmlDeviceGetMemoryInfo(device.handle)
+    return {
+        "nvml_index": device.nvml_index,
+        "mig": device.mig,
+        "uuid": _text(_try(pynvml.nvmlDeviceGetUUID, device.handle)),
+        "memory_total_bytes": int(memory.total),
+        "memory_used_bytes": int(memory.used),
+    }
 
 
 def _torch_total_memory_bytes(device: str) -> tuple[int | None, str]:

@@ -102,6 +102,57 @@ def describe_budget(budget: MemoryBudget, device: str, nbytes: int, why: str | N
     return f"{line}: {why}" if why else line
 
 
+def allocator_cap_bytes(budget_bytes: int, outside_bytes: int | None, device: str) -> int:
+    """The cap for the allocator a budget governs: the budget less what the process holds outside it.
+
+    On a GPU the framework's allocator is only part of what a process holds: the CUDA context,
+    the kernels loaded into it and the libraries' own memory lie outside it (0.5-1 GiB). They
+    count against the budget too, so that a wall found under a 24 GiB budget fits a 24 GiB card.
+    """
+    outside = int(outside_bytes or 0)
+    if budget_bytes - outside <= 0:
+        raise InvalidParameterError(
+            "memory_budget",
+            format_bytes(budget_bytes),
+            f"must exceed the {format_bytes(outside)} this process holds on {device} outside the framework's "
+            "allocator before any training (the CUDA context and libraries)",
+        )
+    return budget_bytes - outside
+
+
+def over_budget_text(allocator_peak_bytes: int, outside_bytes: int, budget_bytes: int, device: str) -> str:
+    """Why a trial that ran to its end still does not fit: what it held on ``device`` against the budget."""
+    return (
+        f"over the memory budget: the trial held {format_bytes(allocator_peak_bytes + outside_bytes)} on {device} "
+        f"(allocator peak {format_bytes(allocator_peak_bytes)} + {format_bytes(outside_bytes)} outside it: CUDA "
+        f"context, kernels and library workspaces), more than the budget of {format_bytes(budget_bytes)}"
+    )
+
+
+def budget_coverage(framework: str | None, device: str) -> str:
+    """What a memory budget covers on ``device`` with ``framework``, in words for a person."""
+    if device == "cpu":
+        return (
+            "the whole trial process's data segment (RLIMIT_DATA): the framework, the model, the data and every "
+            "buffer on the heap"
+        )
+    outside = (
+        "plus what the process holds outside that allocator (the CUDA context, kernels and library workspaces, "
+        "measured with NVML per trial); a trial whose sum exceeds the budget counts as out of memory"
+    )
+    if framework == "torch":
+        return (
+            "PyTorch's caching allocator (its peak counted as bytes reserved, capped at the budget less the "
+            f"memory outside it), {outside}"
+        )
+    if framework == "tensorflow":
+        return (
+            "TensorFlow's GPU allocator (a logical device whose memory_limit is the budget; its peak counted as "
+            f"bytes in use), {outside}"
+        )
+    return f"the allocator of the {framework or '?'} backend as it reports its peak, {outside}"
+
+
 def device_memory_bytes(device: str) -> int:
     """Total memory of a CUDA device (via NVML), or the RAM available now for ``"cpu"``."""
     if device.startswith("cuda"):

@@ -81,6 +81,10 @@ def start_child(entry: str, argument: str, *, output: IO[bytes] | None, pass_fds
     command = f"import sys; from {module} import {function}; sys.exit({function}(sys.argv[1]))"
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's start-up chatter stays out of the log
+    # torch.cuda.is_available() (and device_count()) in a task loader then asks NVML instead of
+    # initialising CUDA, which would leave every trial forked from the loaded child unable to
+    # use CUDA ("Cannot re-initialize CUDA in forked subprocess").
+    env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
     env.setdefault("PYTHONUNBUFFERED", "1")
     return subprocess.Popen(
         [sys.executable, "-c", command, argument],

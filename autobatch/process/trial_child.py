@@ -1,16 +1,18 @@
 """The trial worker's child side: :func:`main` in a new interpreter, given its request pipe.
 
 Its first line on the request pipe is its setup. It caps its own memory before importing a
-framework (:func:`autobatch.process.child.enter_child`), imports the backend and loads the
+framework (:func:`autobatch.process.child.enter_child`), imports the backend, configures the
+device before anything can touch it (``Backend.configure_device``: TensorFlow's memory limit
+or growth; a setting that cannot be applied fails every trial with its reason), loads the
 task, then serves trials: it reads one request per line from its request pipe and writes
 one :class:`TrialResult` as JSON per line to its result pipe. Where it is (loading, then a
 trial's phase) it writes into its phase file, for the parent to read if it dies.
 
-Where the backend allows it (``Backend.fork_safe``), each trial runs in a process
-forked from this one: a copy of a process that has paid the framework import and
-the data load, but has run nothing yet. Every trial thus starts from the same clean
-state, as a fresh process would, and its peak memory is its own; only the start-up
-cost is shared. Otherwise this process runs one trial and exits. Every failure
+Where the backend allows it (``Backend.fork_safe``: not once loading the task initialised
+CUDA), each trial runs in a process forked from this one: a copy of a process that has paid
+the framework import and the data load, but has run nothing yet. Every trial thus starts
+from the same clean state, as a fresh process would, and its peak memory is its own; only
+the start-up cost is shared. Otherwise this process runs one trial and exits. Every failure
 becomes a result; a trial process that dies is reported by a ``died`` record with
 its wait status, which the parent classifies. A result whose trial could not start because
 the framework or the task failed to load says so (``extras["load_failed"]``): under a
@@ -136,16 +138,19 @@ class _Worker:
         self.backend: Backend | None = None
         self.workload: Workload | None = None
         self.load_error: BaseException | None = None
+        self.device_error: BaseException | None = None  # the device could not be configured
         self.load_timings: dict[str, float] = {}
         self.memory = CpuPeakMeter()  # started where the trial starts
         self.telemetry = None  # the running trial's TelemetrySampler, if any
 
     @property
     def fork_safe(self) -> bool:
-        return self.load_error is None and self.backend is not None and bool(self.backend.fork_safe(self.device))
+        if self.load_error is not None or self.device_error is not None or self.backend is None:
+            return False
+        return bool(self.backend.fork_safe(self.device))
 
     def prepare(self) -> None:
-        """Import the framework and load the task; a failure is reported by the first trial."""
+        """Import the framework, configure the device, load the task; a failure is reported by the first trial."""
         try:
             from autobatch.core.registry import get_backend
             from autobatch.tasks.workload import load_workload
@@ -153,6 +158,11 @@ class _Worker:
             started = time.perf_counter()
             self.backend = get_backend(self.setup["backend"])
             self.load_timings["framework_import"] = time.perf_counter() - started
+            try:  # first: loading the task may run ops, after which TensorFlow refuses device settings
+                self.backend.configure_device(self.device, self.setup.get("memory_budget_bytes"))
+            except Exception as error:
+                self.device_error = error
+                return
             started = time.perf_counter()
             self.workload = load_workload(self.setup["task"])
             self.load_timings["task_load"] = time.perf_counter() - started
@@ -161,6 +171,7 @@ class _Worker:
 
     def run(self, request: dict):
         from autobatch.core.config import TrialBudget, TrialConfig, TrialResult
+        from autobatch.core.memory import budget_coverage
 
         config = TrialConfig.from_dict(request["config"])
         budget = TrialBudget.from_dict(request["budget"])
@@ -179,6 +190,8 @@ class _Worker:
             progress.phase = "setup"
             if self.load_error is not None:
                 raise self.load_error
+            if self.device_error is not None:
+                raise self.device_error
             assert self.backend is not None and self.workload is not None
             budget_bytes = self.setup.get("memory_budget_bytes")
             if budget_bytes and self.device != "cpu":
@@ -227,11 +240,40 @@ class _Worker:
         # This process's own high-water mark. The parent's wait4 figure is no substitute: it
         # also counts the pages this process shared with its parent before exec.
         result.peak_resident_bytes = memory_status().get("VmHWM")
+        result.memory_budget_covers = budget_coverage(result.framework, self.device)
         if self.backend is not None and self.device != "cpu":
-            result.peak_memory_bytes = self.backend.peak_memory_bytes(self.device)
+            self._count_device_memory(result)
         else:
             result.peak_memory_bytes = self.memory.as_data_bytes(result.peak_resident_bytes)
         return result
+
+    def _count_device_memory(self, result) -> None:
+        """The peak on an accelerator: the allocator's, plus what the process holds outside it.
+
+        The CUDA context, kernels and library workspaces lie outside the allocator the cap
+        governs, and can grow during the trial (kernels load as they are first used): what
+        they hold at the end counts against the budget too. A trial whose sum exceeds the
+        budget would not fit a device of that size: it is out of memory, as if it had failed.
+        """
+        from autobatch.core.memory import over_budget_text
+
+        assert self.backend is not None
+        allocator_peak = self.backend.peak_memory_bytes(self.device)
+        overhead = self._device_overhead() if allocator_peak is not None else None
+        result.allocator_peak_bytes = allocator_peak
+        result.device_overhead_bytes = overhead
+        result.peak_memory_bytes = None if allocator_peak is None else allocator_peak + (overhead or 0)
+        budget_bytes = self.setup.get("memory_budget_bytes")
+        if result.status == "ok" and budget_bytes and overhead is not None and result.peak_memory_bytes > budget_bytes:
+            result.status, result.oom_phase = "oom", "train"
+            result.error = over_budget_text(allocator_peak, overhead, budget_bytes, self.device)
+
+    def _device_overhead(self) -> int | None:
+        """What the process holds on the device outside the allocator now; None if unmeasured (never fails)."""
+        try:
+            return self.backend.device_overhead_bytes(self.device) if self.backend is not None else None
+        except Exception:
+            return None
 
     def _note_start(self) -> None:
         """Record where this trial starts from, and start its peak there."""
@@ -241,7 +283,9 @@ class _Worker:
 
     def _mark_baseline(self, baseline: dict) -> None:
         current = self.backend.current_memory_bytes(self.device) if self.backend is not None else None
-        if current is None:
+        if current is not None:
+            current += self._device_overhead() or 0  # as the peak counts it
+        else:
             current = self.memory.current_bytes()
         if current is not None:
             baseline["bytes"] = current

@@ -236,13 +236,10 @@ def _usable_devices(report: dict[str, Any]) -> list[dict[str, Any]]:
             "frameworks": frameworks,
         }
     ]
-    nvml_devices = report["nvml"]["devices"]
-    visible = report["cuda_visible_devices"]
-    if visible is not None:
-        by_id = {str(d["index"]): d for d in nvml_devices} | {d.get("uuid"): d for d in nvml_devices}
-        listed = [by_id.get(entry) for entry in visible_cuda_ids(visible)]
-    else:
-        listed = list(nvml_devices)
+    # cuda:N as CUDA numbers it (by PCI bus id or UUID; NVML's indices are its own), with its
+    # own memory: a MIG slice's, not its GPU's.
+    by_index = {d["index"]: d for d in report["nvml"]["devices"]}
+    listed = [{**by_index.get(cuda["nvml_index"], {}), **cuda} for cuda in report["nvml"].get("cuda_devices", [])]
     torch_devices = report.get("torch", {}).get("devices", [])
     tf_gpus = report.get("tensorflow", {}).get("gpus", [])
     count = max(len(listed), len(torch_devices))
@@ -262,7 +259,8 @@ def _usable_devices(report: dict[str, Any]) -> list[dict[str, Any]]:
             "frameworks": users,
         }
         if nvml is None:
-            entry["why_not_nvml"] = "NVML does not list it: telemetry and %-budgets fall back to PyTorch"
+            reason = report["nvml"].get("cuda_devices_error") or "NVML does not list it"
+            entry["why_not_nvml"] = f"{reason}: telemetry and %-budgets fall back to PyTorch"
         if not entry["usable"]:
             entry["why_not"] = "; ".join(_framework_reasons(report)) or "no installed framework sees it"
         devices.append(entry)

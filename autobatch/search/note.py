@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from autobatch.core.memory import format_bytes
+from autobatch.core.memory import budget_coverage, format_bytes
 
 
 def write_note(study, result, *, during_search: bool = False) -> None:
@@ -70,6 +70,9 @@ def study_note(study, result) -> str:
         f"**{result.max_micro_batch}** (probe: {len(probe.get('probes', []))} short runs in "
         f"{probe.get('seconds', 0):.1f} s; peak ≈ {format_bytes(model.get('intercept_bytes'))} + "
         f"{format_bytes(model.get('bytes_per_sample'))} per sample).",
+        "",
+        f"On {settings.get('device', '?')} the budget covers "
+        f"{budget_coverage(settings.get('backend'), settings.get('device', 'cpu'))}.",
         "",
         "## Feasible Pareto front",
         "",

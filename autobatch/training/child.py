@@ -1,7 +1,8 @@
 """The training process: :func:`main` in a new interpreter, started by :mod:`autobatch.training.supervisor`.
 
-It caps its memory (:func:`autobatch.process.child.enter_child`), imports the framework, loads
-the task and asks the backend for a :class:`~autobatch.backends.base.TrainingSession`; then
+It caps its memory (:func:`autobatch.process.child.enter_child`), imports the framework,
+configures and caps the device before the task can touch it, loads the task and asks the
+backend for a :class:`~autobatch.backends.base.TrainingSession`; then
 :class:`TrainingLoop` trains the windows of :func:`autobatch.training.api.plan_epochs` in order,
 writes checkpoints where an OOM could kill the process, evaluates, and writes the model. Every
 step and every failure goes to the supervisor as one JSON event per line on its pipe.
@@ -59,6 +60,9 @@ def main(setup_path: str) -> int:
 
         backend = get_backend(setup["backend"])  # imports the framework, under the cap
         budget_bytes = setup.get("memory_budget_bytes")
+        # The device first, as in a trial: loading the task may run ops, after which TensorFlow
+        # refuses a memory limit or growth. A setting that cannot be applied stops training here.
+        backend.configure_device(setup["device"], budget_bytes)
         if budget_bytes and setup["device"] != "cpu":
             backend.apply_memory_cap(budget_bytes, setup["device"])
         workload = load_workload(setup["task"])

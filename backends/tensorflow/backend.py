@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from autobatch.backends._trial import Trial, TrialBackend
+from autobatch.backends.base import DeviceConfigurationError
 from autobatch.backends.tensorflow import memory
 from autobatch.backends.tensorflow._framework import keras, tf
 from autobatch.backends.tensorflow.accumulate import MicroBatchTrainer
@@ -22,6 +23,7 @@ from autobatch.backends.tensorflow.precision import MixedPrecision
 from autobatch.backends.tensorflow.session import TensorFlowTrainingSession
 from autobatch.backends.tensorflow.training import make_loss, make_optimizer
 from autobatch.core.config import TrialBudget, TrialConfig
+from autobatch.core.devices import DeviceMemoryMeter
 from autobatch.core.windows import Window
 from autobatch.tasks.workload import Workload
 
@@ -33,7 +35,9 @@ class TensorFlowBackend(TrialBackend):
     session_class = TensorFlowTrainingSession
 
     def __init__(self) -> None:
-        self._memory_capped = False
+        #: (device, budget) as configured by :meth:`configure_device`
+        self._configured: tuple[str, int | None] | None = None
+        self._device_memory: DeviceMemoryMeter | None = None
 
     def default_device(self) -> str:
         return "cuda:0" if tf.config.list_physical_devices("GPU") else "cpu"
@@ -44,14 +48,39 @@ class TensorFlowBackend(TrialBackend):
         # is not known to survive a fork, so GPU trials get a new process each.
         return not memory.is_gpu(device)
 
-    def apply_memory_cap(self, budget_bytes: int, device: str) -> None:
+    def configure_device(self, device: str, budget_bytes: int | None) -> None:
+        """A logical device whose ``memory_limit`` is the budget, or without one, memory growth.
+
+        Both must be set before TensorFlow initialises its context: any op or device query
+        (``reset_memory_stats``, ``get_memory_info``) does, and TensorFlow then refuses the
+        setting. Without growth an uncapped process would take the whole GPU.
+        """
         if not memory.is_gpu(device):
             return  # the worker has set RLIMIT_DATA
         gpu = memory.physical_gpu(device)
-        # memory_limit is in MiB; it must be set before TensorFlow initialises the GPU.
-        limit_mib = max(1, int(budget_bytes) // 2**20)
-        tf.config.set_logical_device_configuration(gpu, [tf.config.LogicalDeviceConfiguration(memory_limit=limit_mib)])
-        self._memory_capped = True
+        if self._device_memory is None:
+            self._device_memory = DeviceMemoryMeter(device)  # before this process touches the GPU
+        limit_mib = max(1, int(budget_bytes) // 2**20) if budget_bytes else None
+        try:
+            if limit_mib is not None:
+                logical = tf.config.LogicalDeviceConfiguration(memory_limit=limit_mib)
+                tf.config.set_logical_device_configuration(gpu, [logical])
+            else:
+                tf.config.experimental.set_memory_growth(gpu, True)
+        except (RuntimeError, ValueError) as error:
+            what = f"a memory limit of {limit_mib} MiB" if limit_mib is not None else "memory growth"
+            raise DeviceConfigurationError(
+                f"TensorFlow could not apply {what} to {device}: {error}. TensorFlow had initialised the GPU "
+                "before autobatch could configure it (an op or a device query while importing the backend or "
+                "loading the task); the trial would run without its memory cap"
+            ) from error
+        self._configured = (device, budget_bytes)
+
+    def apply_memory_cap(self, budget_bytes: int, device: str) -> None:
+        if not memory.is_gpu(device):
+            return  # the worker has set RLIMIT_DATA
+        if self._configured != (device, budget_bytes):
+            self.configure_device(device, budget_bytes)  # fails loudly if TensorFlow is initialised already
 
     def is_oom(self, error: BaseException) -> bool:
         # The error or what it was raised from: TensorFlow on the CPU wraps some OOMs (see is_oom_error).
@@ -63,6 +92,19 @@ class TensorFlowBackend(TrialBackend):
     def current_memory_bytes(self, device: str) -> int | None:
         return memory.memory_info(device, "current")
 
+    def device_overhead_bytes(self, device: str) -> int | None:
+        """What this process holds on the GPU beyond the allocator's pool.
+
+        Under a cap the allocator (BFC, without growth) takes ``memory_limit`` on its first
+        allocation and allocates within it; without a cap it grows by regions TensorFlow
+        does not report, and what lies outside cannot be told apart: ``None``.
+        """
+        configured = self._configured
+        if not memory.is_gpu(device) or self._device_memory is None or configured is None or not configured[1]:
+            return None
+        pool = max(1, int(configured[1]) // 2**20) * 2**20
+        return self._device_memory.outside_bytes(pool)
+
     def reset_peak_memory(self, device: str) -> None:
         if memory.is_gpu(device):
             tf.config.experimental.reset_memory_stats(memory.tf_device_name(device))
@@ -70,9 +112,9 @@ class TensorFlowBackend(TrialBackend):
     @contextlib.contextmanager
     def trial_scope(self, device: str) -> Iterator[None]:
         if memory.is_gpu(device):
-            gpu = memory.physical_gpu(device)  # fail loudly rather than let soft placement run on the CPU
-            if not self._memory_capped:
-                memory.allow_memory_growth(gpu)  # without a cap, take what is used rather than the whole GPU
+            memory.physical_gpu(device)  # fail loudly rather than let soft placement run on the CPU
+            if self._configured is None or self._configured[0] != device:
+                self.configure_device(device, None)  # no cap: take what is used, not the whole GPU (or fail)
         with tf.device(memory.tf_device_name(device)):
             yield
 

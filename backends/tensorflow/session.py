@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from autobatch.backends.base import TrainingSession
+from autobatch.backends.base import DeviceConfigurationError, TrainingSession
 from autobatch.backends.tensorflow import memory
 from autobatch.backends.tensorflow._framework import keras, tf
 from autobatch.backends.tensorflow.adaptive import AdaptiveMicroBatchTrainer
@@ -39,8 +39,7 @@ class TensorFlowTrainingSession(TrainingSession):
         controller: MicroBatchController,
     ):
         if memory.is_gpu(device):
-            gpu = memory.physical_gpu(device)
-            memory.allow_memory_growth(gpu)  # no-op when the budget set a logical device with a memory limit
+            _check_configured(memory.physical_gpu(device), device)
         #: on the CPU TensorFlow's OOMs crash or poison the process: each is redone in a new one
         self.crash_prone_oom = not memory.is_gpu(device)
         self.device_name = memory.tf_device_name(device)
@@ -118,3 +117,20 @@ class TensorFlowTrainingSession(TrainingSession):
 
     def _state_variables(self) -> list:
         return [*self.model.variables, *self.optimizer.variables]
+
+
+def _check_configured(gpu, device: str) -> None:
+    """Fail unless the GPU has a memory limit or memory growth: uncapped, TensorFlow would take all of it.
+
+    The training process configures the GPU first (``TensorFlowBackend.configure_device``,
+    before the task loads); a session made elsewhere gets memory growth here, while that can
+    still be set, and an error where it cannot.
+    """
+    if tf.config.get_logical_device_configuration(gpu) or tf.config.experimental.get_memory_growth(gpu):
+        return
+    try:
+        tf.config.experimental.set_memory_growth(gpu, True)
+    except (RuntimeError, ValueError) as error:
+        raise DeviceConfigurationError(
+            f"TensorFlow could not apply memory growth to {device}: {error}; it would take the whole GPU"
+        ) from error

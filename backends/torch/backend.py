@@ -20,6 +20,8 @@ from autobatch.backends.torch.precision import MixedPrecision
 from autobatch.backends.torch.session import TorchTrainingSession
 from autobatch.backends.torch.training import make_loss, make_optimizer
 from autobatch.core.config import TrialBudget, TrialConfig
+from autobatch.core.devices import DeviceMemoryMeter
+from autobatch.core.memory import allocator_cap_bytes
 from autobatch.core.windows import Window
 from autobatch.tasks.workload import Workload
 
@@ -30,20 +32,39 @@ class TorchBackend(TrialBackend):
     name = "torch"
     session_class = TorchTrainingSession
 
+    def __init__(self) -> None:
+        self._device_memory: DeviceMemoryMeter | None = None
+
     def default_device(self) -> str:
         return "cuda:0" if torch.cuda.is_available() else "cpu"
 
     def fork_safe(self, device: str) -> bool:
         # Importing torch starts no thread pool and does not initialise CUDA, so a forked
-        # process starts clean; the cap is applied in each of them.
-        return True
+        # process starts clean; the cap is applied in each of them. A task whose loading
+        # initialised CUDA has spoilt that: a forked process could not use CUDA again ("Cannot
+        # re-initialize CUDA in forked subprocess"). (Trial children run with
+        # PYTORCH_NVML_BASED_CUDA_CHECK=1, so torch.cuda.is_available() alone does not.)
+        return not torch.cuda.is_initialized()
+
+    def configure_device(self, device: str, budget_bytes: int | None) -> None:
+        if _is_cuda(device):
+            self._device_memory = self._new_meter(device)  # before CUDA starts: NVML alone
 
     def apply_memory_cap(self, budget_bytes: int, device: str) -> None:
-        if not device.startswith("cuda"):
+        """Cap the caching allocator at the budget less what this process holds outside it.
+
+        ``set_per_process_memory_fraction`` caps the caching allocator alone (a fraction of
+        the total ``cudaMemGetInfo`` reports); the CUDA context created here is measured and
+        taken off first.
+        """
+        if not _is_cuda(device):
             return
-        index = torch.device(device).index or 0
-        total = torch.cuda.get_device_properties(index).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget_bytes / total), index)
+        if self._device_memory is None:
+            self._device_memory = self._new_meter(device)
+        index = _cuda_index(device)
+        _, total = torch.cuda.mem_get_info(index)  # starts this process's CUDA context, measured next
+        cap = allocator_cap_bytes(budget_bytes, self.device_overhead_bytes(device), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), index)
 
     def is_oom(self, error: BaseException) -> bool:
         return memory.is_oom(error)
@@ -54,12 +75,33 @@ class TorchBackend(TrialBackend):
     def current_memory_bytes(self, device: str) -> int | None:
         return memory.current_memory_bytes(device)
 
+    def device_overhead_bytes(self, device: str) -> int | None:
+        if not _is_cuda(device) or self._device_memory is None or not torch.cuda.is_initialized():
+            return None
+        return self._device_memory.outside_bytes(torch.cuda.memory_reserved(_cuda_index(device)))
+
     def reset_peak_memory(self, device: str) -> None:
-        if device.startswith("cuda"):
+        if _is_cuda(device):
             torch.cuda.reset_peak_memory_stats(device)
 
     def start_trial(self, workload: Workload, config: TrialConfig, budget: TrialBudget, device: str) -> TorchTrial:
         return TorchTrial(workload, config, budget, torch.device(device))
+
+    @staticmethod
+    def _new_meter(device: str) -> DeviceMemoryMeter:
+        """What this process holds on ``device``; its reading from before CUDA started only if CUDA has not yet."""
+        meter = DeviceMemoryMeter(device)
+        if torch.cuda.is_initialized():
+            meter.used_before_bytes = None  # the device's memory now includes this process's own
+        return meter
+
+
+def _is_cuda(device: str) -> bool:
+    return device.startswith("cuda")
+
+
+def _cuda_index(device: str) -> int:
+    return torch.device(device).index or 0
 
 
 class TorchTrial(Trial):
