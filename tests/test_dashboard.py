@@ -17,12 +17,14 @@ import warnings
 import pytest
 
 from autobatch import SearchSpace, tune
-from tests.conftest import ROOT, chromium_path, in_ci
+from tests.conftest import ROOT, chromium_path, skip_missing
 
 SYNTHETIC = dict(task="tests.synthetic_backend:workload", backend="tests.synthetic_backend:SyntheticBackend")
 STUDY_NAME = "dashboard-study"
 ARTIFACTS = ROOT / "artifacts"
 MIB = 2**20
+#: a micro-batch far past the synthetic backend's wall (about 108 under 256MiB)
+OVER_BUDGET = 400
 PLOT_TITLES = (
     "Pareto front (infeasible trials apart)",
     "Throughput vs micro-batch size",
@@ -33,19 +35,29 @@ PLOT_TITLES = (
 
 @pytest.fixture(scope="module")
 def real_study(tmp_path_factory):
-    """A real short study on the synthetic backend; micro-batches are searched past the wall, so some are skipped."""
+    """A real short study on the synthetic backend, with at least one infeasible trial.
+
+    Micro-batches are searched past the wall (about 108), and the last trial is one a person
+    asks for by hand (enqueued, as in the dashboard): micro-batch 400, recorded as skipped
+    because the memory model puts it far over the budget.
+    """
+    import optuna
+
     path = tmp_path_factory.mktemp("dashboard") / "study.db"
-    result = tune(
+    common = dict(
         **SYNTHETIC,
         memory_budget="256MiB",
         device="cpu",
-        n_trials=8,
         storage=f"sqlite:///{path}",
         study_name=STUDY_NAME,
         search_space=SearchSpace(max_micro_batch=400),
         seed=1,
     )
-    assert result.recommended is not None
+    tune(**common, n_trials=7)
+    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{path}")
+    study.enqueue_trial({"micro_batch_size": OVER_BUDGET, "accumulation_steps": 1, "lr_offset_decades": 0.0})
+    result = tune(**common, n_trials=1)
+    assert result.n_trials == 8 and result.recommended is not None
     return f"sqlite:///{path}", result
 
 
@@ -54,10 +66,7 @@ def real_study(tmp_path_factory):
 def test_dashboard_shows_the_note_and_plots_in_chromium(real_study, tmp_path):
     chromium = chromium_path()
     if chromium is None:
-        message = "Chromium is missing: install Debian's chromium (apt-get install -y chromium)"
-        if in_ci():
-            pytest.fail(message)  # CI installs it: a missing browser there is a broken set-up, not a skip
-        pytest.skip(message)
+        skip_missing("Chromium", "install Debian's chromium (apt-get install -y chromium)")  # fails under CI
     storage, result = real_study
     port = _free_port()
     with _dashboard(storage, port, tmp_path) as process:
@@ -149,8 +158,12 @@ def test_pareto_plot_of_a_real_study_draws_every_infeasible_trial_apart(real_stu
     _, result = real_study
     data = StudyPlotData.from_study(result.study)
     infeasible = [t for t in result.study.trials if not t.user_attrs.get("feasible") or t.user_attrs.get("diverged")]
+    enqueued = [t for t in infeasible if t.user_attrs["micro_batch_size"] == OVER_BUDGET]
+    assert enqueued and enqueued[0].user_attrs["skipped_by_model"] and enqueued[0].constraints["memory"] > 0
     main, side = pareto_figure(data).axes[:2]
-    assert sum(len(c.get_offsets()) for c in _infeasible_collections(side)) == len(infeasible)
+    drawn = {c.get_gid(): sorted(y for _, y in c.get_offsets()) for c in _infeasible_collections(side)}
+    assert sum(len(ys) for ys in drawn.values()) == len(infeasible)
+    assert OVER_BUDGET in drawn["infeasible:skipped"]  # the side panel plots the micro-batch
     assert not _infeasible_collections(main)
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from autobatch import InvalidParameterError, SearchSpace, TrialConfig, TrialResult, tune
-from autobatch.errors import AutobatchError, StorageError
+from autobatch.errors import StorageError
+from autobatch.process.worker import TrialWorker
 from autobatch.search.probe import ProbeError, find_memory_wall
 from tests import synthetic_backend as synthetic
 
@@ -103,17 +104,40 @@ def _true_best(wall):
     return max(speed for speed, loss in candidates if loss <= best_loss * 1.02), best_loss
 
 
+def _bisected_wall(cap_bytes: int) -> int:
+    """The largest micro-batch that runs under ``cap_bytes``: plain trials, bisected, no memory model."""
+    with TrialWorker(SYNTHETIC["task"], SYNTHETIC["backend"], memory_budget=cap_bytes, device="cpu") as worker:
+
+        def fits(micro_batch: int) -> bool:
+            result = worker.run(TrialConfig(micro_batch))
+            assert result.status in ("ok", "oom"), result.error
+            return result.status == "ok"
+
+        fitting, too_big = 1, 1024
+        assert fits(fitting) and not fits(too_big)
+        while too_big - fitting > 1:
+            middle = (fitting + too_big) // 2
+            if fits(middle):
+                fitting = middle
+            else:
+                too_big = middle
+    return fitting
+
+
 @pytest.mark.slow
 def test_the_study_finds_the_known_optimum_of_a_synthetic_backend(tmp_path):
     result = tune(
         **SYNTHETIC, memory_budget="256MiB", n_trials=40, storage=f"sqlite:///{tmp_path}/s.db", seed=1, device="cpu"
     )
-    best_speed, best_loss = _true_best(result.max_micro_batch)
+    # The truth, found without the probe: the largest micro-batch that runs under the probe's cap
+    # (the budget less the 5% margin), bisected with plain trials.
+    wall = _bisected_wall(int(256 * MIB * 0.95))
+    assert 0.97 * wall <= result.max_micro_batch <= wall, (result.max_micro_batch, wall)
+    best_speed, best_loss = _true_best(wall)
     recommended = result.recommended
     assert recommended["throughput"] >= 0.95 * best_speed
     assert recommended["val_loss"] <= best_loss * 1.02 + 1e-9
     assert result.n_trials == 40 and result.n_oom_trials == 0
-    # The probe's wall is the real one: one more sample would not fit the margin-reduced cap.
     assert len(result.probe["probes"]) <= 10
 
 
@@ -137,8 +161,13 @@ def test_trials_record_what_a_person_reads_in_the_dashboard(tmp_path):
             "timings",
         ):
             assert key in attrs, key
-        expected = min(attrs["peak_memory_bytes"] / attrs["memory_budget_bytes"] - 1, 0.0)  # ran under the cap
-        assert trial.constraints["memory"] == pytest.approx(expected)
+        # The constraint is peak / budget - 1, against what is known without reading it back: the
+        # budget asked for, and the bytes the synthetic trial touches above the process's baseline.
+        assert attrs["memory_budget_bytes"] == 256 * MIB
+        touched = synthetic.BASE_BYTES + synthetic.PER_SAMPLE_BYTES * attrs["micro_batch_size"]
+        implied_peak = (1 + trial.constraints["memory"]) * 256 * MIB
+        assert implied_peak == pytest.approx(attrs["baseline_memory_bytes"] + touched, abs=2 * MIB)
+        assert -1 < trial.constraints["memory"] < 0  # it fits
     from optuna_dashboard import get_note
 
     note = get_note(study)
@@ -193,17 +222,29 @@ def test_bad_input_leaves_the_storage_as_it_was(tmp_path):
     tune(**SYNTHETIC, memory_budget="256MiB", n_trials=2, storage=url, study_name="kept", device="cpu")
     before = _trial_count(path)
     attempts = [
-        dict(search_space=SearchSpace(min_micro_batch=1, max_micro_batch=10**6), loss_tolerance=-0.1),
-        dict(sampler="annealing"),
-        dict(n_trials=-3),
-        dict(memory_budget="lots"),
-        dict(memory_budget="8MiB", study_name="too-small"),  # below what micro-batch 1 needs
-        dict(study_name="kept", memory_budget="300MiB"),  # another kind of study under that name
+        (
+            dict(search_space=SearchSpace(min_micro_batch=1, max_micro_batch=10**6), loss_tolerance=-0.1),
+            InvalidParameterError,
+            r"loss_tolerance=-0.1 is invalid: must be a number >= 0",
+        ),
+        (dict(sampler="annealing"), InvalidParameterError, r"sampler='annealing' is invalid: must be one of"),
+        (dict(n_trials=-3), InvalidParameterError, r"n_trials=-3 is invalid: must be an integer >= 1"),
+        (dict(memory_budget="lots"), InvalidParameterError, r"memory_budget='lots' is invalid: expected a size"),
+        (  # below what micro-batch 1 needs
+            dict(memory_budget="8MiB", study_name="too-small"),
+            ProbeError,
+            r"even micro-batch 1 does not fit the memory budget \(8388608 bytes",
+        ),
+        (  # another kind of study under that name
+            dict(study_name="kept", memory_budget="300MiB"),
+            StorageError,
+            r"study_name='kept' was made for memory_budget_bytes=268435456, not 314572800",
+        ),
     ]
-    for extra in attempts:
+    for extra, error, message in attempts:
         kwargs = dict(SYNTHETIC, memory_budget="256MiB", n_trials=2, storage=url, study_name="kept", device="cpu")
         kwargs.update(extra)
-        with pytest.raises((InvalidParameterError, AutobatchError)):
+        with pytest.raises(error, match=message):
             tune(**kwargs)
         assert _trial_count(path) == before, extra
     with pytest.raises(StorageError, match="does not exist"):
