@@ -61,6 +61,8 @@ OOM_SIGNATURES = (
 )
 
 _POLL_SECONDS = 0.02
+#: how long past a trial's time limit a child may take to import the framework and load the task
+LOAD_ALLOWANCE_SECONDS = 600.0
 
 
 def run_trial(
@@ -259,10 +261,16 @@ class TrialWorker:
         Intermediate losses on the way are answered (see :meth:`run`). The trial process
         waits for each answer, so nothing follows an intermediate line until it is sent.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        process, results = self._process, self._results
-        assert process is not None and results is not None
+        # The limit is the trial's own: it starts once the child has imported the framework and
+        # loaded the task, which a new worker pays once for all its trials. A load that never ends
+        # is still stopped, LOAD_ALLOWANCE_SECONDS past the limit.
+        load_deadline = None if timeout is None else time.monotonic() + timeout + LOAD_ALLOWANCE_SECONDS
+        deadline = None
+        process, results, phase_file = self._process, self._results, self._phase
+        assert process is not None and results is not None and phase_file is not None
         while True:
+            if timeout is not None and deadline is None and read_phase(phase_file.fileno()) != LOAD_PHASE:
+                deadline = time.monotonic() + timeout
             ready, _, _ = select.select([results], [], [], _POLL_SECONDS)
             if ready:
                 line = results.readline()
@@ -276,7 +284,8 @@ class TrialWorker:
                     line = results.readline()
                 self._process = None
                 return line, status, rusage, False
-            if deadline is not None and time.monotonic() > deadline:
+            limit = deadline if deadline is not None else load_deadline
+            if limit is not None and time.monotonic() > limit:
                 kill_process_group(process)
                 _, status, rusage = os.wait4(process.pid, 0)
                 process.returncode = os.waitstatus_to_exitcode(status)
