@@ -72,6 +72,15 @@ def test_memory_outside_the_allocator_counts_against_the_budget():
     assert fits.baseline_memory_bytes == 500 * MIB  # counted as the peak is
     assert "outside that allocator" in fits.memory_budget_covers
 
+    # A search stores both parts as user attrs, which the dashboard shows.
+    from autobatch.search.results import trial_outcome
+
+    settings = {"backend": "fake", "device": "fake:0"}
+    attrs, _, constraint, _ = trial_outcome(TrialConfig(8), fits, 0, 2 * GIB, settings)
+    assert (attrs["allocator_peak_bytes"], attrs["device_overhead_bytes"]) == (600 * MIB, 500 * MIB)
+    assert attrs["memory_budget_covers"] == fits.memory_budget_covers
+    assert constraint == pytest.approx(1100 / 2048 - 1)
+
     over = run_trial(TASK, backend, TrialConfig(8), memory_budget="1GiB", device="fake:0")
     assert (over.status, over.oom_phase) == ("oom", "train")
     assert over.error == (

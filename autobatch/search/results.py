@@ -186,6 +186,10 @@ def trial_outcome(
         status=result.status,
         peak_memory_bytes=result.peak_memory_bytes,
         baseline_memory_bytes=result.baseline_memory_bytes,
+        # what the peak counts on this device, for the dashboard (on a GPU: allocator + context)
+        memory_budget_covers=result.memory_budget_covers,
+        allocator_peak_bytes=result.allocator_peak_bytes,
+        device_overhead_bytes=result.device_overhead_bytes,
         samples_per_second=result.samples_per_second,
         val_loss=result.val_loss,
         timings={k: round(v, 4) for k, v in result.timings.items()},
