@@ -21,8 +21,10 @@ Every method looks for the largest micro-batch of ``--task`` (PyTorch, CPU) that
   training-set size, 3 steps per try), each in a child process capped at the full budget:
   that child is "the user's process", and every OOM it catches is counted.
 
-Each answer is then checked with a full trial in a fresh process under the full budget.
-Writes ``results/probe.md`` and ``results/probe.png``.
+Each answer is then checked with a full trial in a fresh process under the full budget, and
+autobatch's also with the search's largest accumulation (``SearchSpace().max_accumulation``
+steps, whole windows): the search runs every config up to the wall at every accumulation, so
+the wall must hold there too. Writes ``results/probe.md`` and ``results/probe.png``.
 """
 
 from __future__ import annotations
@@ -101,8 +103,12 @@ def main(argv=None) -> int:
             checked[name] = fits(args.task, found, budget_bytes)[0]
         elif found:
             checked[name] = "below"
+    steps = max_accumulation()
+    print(f"checking autobatch's wall at {steps} accumulation steps under the full budget ...", flush=True)
+    accumulated = fits(args.task, ours["found"], budget_bytes, accumulation=steps)[1]
+    print(f"  {ours['found']} x {steps}: {accumulated}", flush=True)
 
-    text = render(run, ours, tools, truths, checked, budget_bytes, reduced_bytes, ceiling)
+    text = render(run, ours, tools, truths, checked, accumulated, budget_bytes, reduced_bytes, ceiling)
     plot(args, ours, tools, truths)
     write_markdown(args.results, "probe", text)
     return 0
@@ -165,15 +171,31 @@ def autobatch_probe(task: str, budget: str) -> dict:
 # --- ground truth: bisection, one fresh process per probe ---------------------------------------
 
 
-def fits(task: str, micro_batch: int, cap_bytes: int) -> tuple[bool, str]:
-    """A full trial at ``micro_batch`` in a fresh process under ``cap_bytes``: did it run to the end?"""
+def fits(task: str, micro_batch: int, cap_bytes: int, accumulation: int = 1) -> tuple[bool, str]:
+    """A full trial at ``micro_batch`` in a fresh process under ``cap_bytes``: did it run to the end?
+
+    With ``accumulation`` steps it trains whole windows (the probe's budget, each window
+    ``micro_batch × accumulation`` samples), so every step of the accumulation is held.
+    """
+    import dataclasses
+
     import autobatch
     from autobatch import TrialConfig, load_workload
 
     workload = load_workload(task)
-    config = TrialConfig(micro_batch, 1, workload.base_learning_rate)
-    result = autobatch.run_trial(task, "torch", config, memory_budget=cap_bytes, budget=probe_budget(), device="cpu")
+    config = TrialConfig(micro_batch, accumulation, workload.base_learning_rate)
+    budget = probe_budget()
+    if accumulation > 1:
+        budget = dataclasses.replace(budget, train_samples=max(budget.train_samples, config.effective_batch_size))
+    result = autobatch.run_trial(task, "torch", config, memory_budget=cap_bytes, budget=budget, device="cpu")
     return result.status == "ok", result.status
+
+
+def max_accumulation() -> int:
+    """The largest accumulation tune()'s default search space tries."""
+    from autobatch import SearchSpace
+
+    return SearchSpace().max_accumulation
 
 
 def true_wall(task: str, cap_bytes: int, ceiling: int, seed: int | None = None) -> dict:
@@ -428,8 +450,9 @@ def _accelerate_search(spec: dict, report: dict):
 # --- the table --------------------------------------------------------------------------------
 
 
-def render(run: Run, ours, tools, truths, checked, budget_bytes, reduced_bytes, ceiling) -> str:
+def render(run: Run, ours, tools, truths, checked, accumulated, budget_bytes, reduced_bytes, ceiling) -> str:
     args = run.args
+    steps = max_accumulation()
     full, reduced = truths["full"]["wall"], truths["reduced"]["wall"]
     gib = 2**30
     rows = [
@@ -445,6 +468,7 @@ def render(run: Run, ours, tools, truths, checked, budget_bytes, reduced_bytes, 
             "0",
             ours["ooms_in_workers"],
             _yes(checked.get("autobatch")),
+            "yes" if accumulated == "ok" else f"**no** ({accumulated})",
         ],
         [
             "ground truth, bisection (fresh processes)",
@@ -458,6 +482,7 @@ def render(run: Run, ours, tools, truths, checked, budget_bytes, reduced_bytes, 
             "0",
             sum(1 for s in truths["reduced"]["outcomes"].values() if s != "ok"),
             "–",
+            "–",
         ],
         [
             "ground truth, bisection (fresh processes)",
@@ -470,6 +495,7 @@ def render(run: Run, ours, tools, truths, checked, budget_bytes, reduced_bytes, 
             f"{truths['full']['trials']} trials",
             "0",
             sum(1 for s in truths["full"]["outcomes"].values() if s != "ok"),
+            "–",
             "–",
         ],
     ]
@@ -493,6 +519,7 @@ def render(run: Run, ours, tools, truths, checked, budget_bytes, reduced_bytes, 
                 oom_cell(report),
                 "–",
                 _yes(checked.get(name)),
+                "–",  # these tools do not accumulate
             ]
         )
     table = markdown_table(
@@ -508,9 +535,10 @@ def render(run: Run, ours, tools, truths, checked, budget_bytes, reduced_bytes, 
             "OOMs in user's process",
             "OOMs in workers",
             "full trial fits the budget",
+            f"the search's largest accumulation (×{steps}) at the wall fits",
         ],
         rows,
-        align="lrrrrrrrrrl",
+        align="lrrrrrrrrrll",
     )
     binsearch = tools.get("lightning-binsearch", {})
     ratio = ours["found"] / reduced if reduced else float("nan")
@@ -528,6 +556,8 @@ def render(run: Run, ours, tools, truths, checked, budget_bytes, reduced_bytes, 
         ),
         "- zero OOMs in the user's process: autobatch 0 (its probes run in trial workers) — **met**; "
         + ", ".join(f"{labels[n].split(' (')[0]} {oom_cell(r)}" for n, r in tools.items()),
+        f"- the wall holds at the search's largest accumulation: micro-batch {ours['found']} × {steps} steps under "
+        f"the full budget: {accumulated} — **{'met' if accumulated == 'ok' else 'not met'}**",
     ]
     tool_times = "; ".join(
         f"{name}: search {r.get('seconds', r.get('seconds_to_failure', float('nan'))):.1f} s, child process "
@@ -536,7 +566,10 @@ def render(run: Run, ours, tools, truths, checked, budget_bytes, reduced_bytes, 
         + (f", error: {r['error']}" if r.get("error") else "")
         for name, r in tools.items()
     )
-    probes = ", ".join(f"{p['micro_batch']}:{p['status']}" for p in ours["probes"])
+    probes = ", ".join(
+        f"{p['micro_batch']}{'×' + str(p['accumulation_steps']) if p.get('accumulation_steps', 1) > 1 else ''}:{p['status']}"
+        for p in ours["probes"]
+    )
     truth_detail = "; ".join(
         f"{label} cap: " + ", ".join(f"{m}:{s}" for m, s in t["outcomes"].items()) for label, t in truths.items()
     )
@@ -556,7 +589,11 @@ def render(run: Run, ours, tools, truths, checked, budget_bytes, reduced_bytes, 
             "",
             f"- autobatch: seconds are the probe phase of `tune()`, its trial worker's start included "
             f"({ours['start_up_seconds']:.1f} s of worker start, PyTorch import and task load, paid once); the whole "
-            f"one-trial `tune()` call took {ours['tune_seconds']:.1f} s. Probes (micro-batch:status): {probes}.",
+            f"one-trial `tune()` call took {ours['tune_seconds']:.1f} s. Probes (micro-batch:status; ×{steps}: the "
+            f"wall confirmed at the search's largest accumulation, under the same cap): {probes}.",
+            f"- The accumulation column: a trial at the wall with {steps} steps, in a fresh process under the full "
+            f"budget, trained in whole windows of {ours['found'] * steps} samples (then evaluated, then one more "
+            "window), as the search runs that config.",
             f"- Every probe and ground-truth trial is a full trial ({probe_budget().train_samples} samples trained, "
             f"evaluation on {probe_budget().val_samples} validation samples, then one more window at the full "
             "micro-batch) at the task's base learning rate; Lightning and Accelerate train "

@@ -48,7 +48,8 @@ from autobatch.process.trial_child import LOAD_PHASE, read_phase, write_phase
 
 __all__ = ["OOM_SIGNATURES", "TrialWorker", "run_trial"]
 
-# Texts by which a child that died without writing its result shows it ran out of memory.
+# Texts by which a child that died without writing its result shows it ran out of memory:
+# the backends' own (backends/*/memory.py), as a dying process prints them.
 OOM_SIGNATURES = (
     "can't allocate memory",
     "MemoryError",
@@ -58,6 +59,12 @@ OOM_SIGNATURES = (
     "CUDA out of memory",
     "out of memory",
     "could not create a primitive",
+    "could not create a memory object",
+    "Dst tensor is not initialized",  # TensorFlow's copy to a GPU it could not allocate on (tensorflow#7025)
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",  # cuDNN 8; cuDNN 9 says which allocation:
+    "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED",
+    "CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED",
 )
 
 _POLL_SECONDS = 0.02
@@ -235,7 +242,8 @@ class TrialWorker:
             if phase == LOAD_PHASE and not timed_out:
                 self._refuse_budget_below_load()
             phase = "setup" if phase == LOAD_PHASE else phase
-            result = _result_without_report(config, status, timed_out, timeout, phase, logged)
+            cpu_budget = self.device == "cpu" and bool(self.memory_budget_bytes)
+            result = _result_without_report(config, status, timed_out, timeout, phase, logged, cpu_budget=cpu_budget)
             if rusage_kib is not None:
                 # The trial died before it could report its own peak. wait4's figure may
                 # also count pages shared with its parent: an upper bound.
@@ -311,10 +319,29 @@ def _intermediate(line: str) -> dict | None:
     return record.get("intermediate") if isinstance(record, dict) else None
 
 
+#: how a native allocation failure can kill a process without a word (see _result_without_report); an
+#: abort is left out: it follows a message (std::bad_alloc is a signature, any other is not an OOM)
+_CRASH_SIGNALS = (signal.SIGSEGV, signal.SIGBUS)
+
+
 def _result_without_report(
-    config: TrialConfig, status: int, timed_out: bool, timeout: float | None, phase: str, logged: str
+    config: TrialConfig,
+    status: int,
+    timed_out: bool,
+    timeout: float | None,
+    phase: str,
+    logged: str,
+    *,
+    cpu_budget: bool = False,
 ) -> TrialResult:
-    """Classify a child that ended without writing its result."""
+    """Classify a child that ended without writing its result.
+
+    Under a CPU budget (``RLIMIT_DATA``) a kernel that gets NULL back from a failed
+    allocation may use it rather than report it: TensorFlow's oneDNN kernels were seen
+    to die of SIGSEGV with nothing logged, in about one trial in ten past the wall. Such a
+    crash (SIGSEGV, SIGBUS) while training or evaluating under a CPU budget is taken as out
+    of memory, as training's supervisor does, or a probe would stop at it as at a broken task.
+    """
     if timed_out:
         return TrialResult(status="timeout", config=config, error=f"trial exceeded its time limit of {timeout:g} s")
     if os.WIFSIGNALED(status):
@@ -324,6 +351,11 @@ def _result_without_report(
         reason = f"worker killed by {name}"
         if number == signal.SIGKILL:
             reason += " (by the kernel's OOM killer, or by another process)"
+        if not oom and cpu_budget and number in _CRASH_SIGNALS and phase in ("train", "eval"):
+            oom = True
+            reason += (
+                f" in {phase} under the CPU memory budget: taken as out of memory (a failed allocation in native code)"
+            )
         if oom:
             return TrialResult(status="oom", config=config, oom_phase=phase, error=f"{reason}: {last_line(logged)}")
         return TrialResult(status="error", config=config, error=reason + (f": {last_line(logged)}" if logged else ""))

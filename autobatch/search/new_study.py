@@ -10,6 +10,7 @@ probe attr is set last: that attr says the study is ready for other workers to j
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -84,8 +85,8 @@ class StudyPlan:
         # resume training after evaluation, as a time-budgeted trial does.
         probe_budget = dataclasses.replace(self.trial_budget, train_seconds=None)
 
-        def run_probe(micro_batch: int) -> TrialResult:
-            config = TrialConfig(micro_batch, 1, workload.base_learning_rate)
+        def run_probe(micro_batch: int, accumulation: int = 1) -> TrialResult:
+            config = TrialConfig(micro_batch, accumulation, workload.base_learning_rate)
             result = worker.run(config, probe_budget, timeout=self.trial_timeout)
             if result.status == "ok" and result.val_loss is not None:
                 losses.append(result.val_loss)
@@ -100,6 +101,10 @@ class StudyPlan:
             safety_margin=self.settings["safety_margin"],
             upper_limit=ceiling,
             on_probe=self.on_probe,
+            # The wall must hold for every searched config: confirmed at the largest accumulation.
+            confirm=functools.partial(run_probe, accumulation=space.max_accumulation)
+            if space.max_accumulation > 1
+            else None,
         )
         if space.min_micro_batch > probe.max_micro_batch:
             raise InvalidParameterError(

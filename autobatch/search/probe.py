@@ -5,6 +5,11 @@ runtime are fixed; activations grow with every sample), so a few small probes fi
 ``peak = intercept + slope × micro_batch`` with scikit-learn, the fit predicts the
 wall, and one or two real probes confirm it. Every probe runs in a trial worker, so
 an OOM on the way never touches the caller's process.
+
+The probes run at one accumulation step; the search runs up to its largest. Nothing a
+backend holds should grow with the steps (each micro-batch is fetched when it is used),
+but a model's or an allocator's may: so the wall is last confirmed at the largest
+accumulation searched, and lowered until it holds there too.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from autobatch.core.config import TrialResult
+from autobatch.core.config import TrialConfig, TrialResult
 from autobatch.errors import AutobatchError
 
 ProbeRunner = Callable[[int], TrialResult]
@@ -85,6 +90,8 @@ class ProbeResult:
     safety_margin: float
     probes: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    #: the accumulation the wall was confirmed at: the largest the search tries (1: not confirmed beyond one step)
+    accumulation_steps: int = 1
 
     def to_dict(self) -> dict:
         return {
@@ -94,6 +101,7 @@ class ProbeResult:
             "safety_margin": self.safety_margin,
             "probes": self.probes,
             "seconds": self.seconds,
+            "accumulation_steps": self.accumulation_steps,
         }
 
     @classmethod
@@ -105,6 +113,7 @@ class ProbeResult:
             safety_margin=float(data["safety_margin"]),
             probes=list(data.get("probes", [])),
             seconds=float(data.get("seconds", 0.0)),
+            accumulation_steps=int(data.get("accumulation_steps", 1)),
         )
 
 
@@ -115,12 +124,15 @@ def find_memory_wall(
     safety_margin: float = 0.05,
     upper_limit: int | None = None,
     on_probe: Callable[[int, TrialResult], None] | None = None,
+    confirm: ProbeRunner | None = None,
 ) -> ProbeResult:
     """The largest micro-batch whose peak stays within ``(1 - safety_margin) × budget_bytes``.
 
     ``run_probe(m)`` runs a short trial at micro-batch ``m`` in a worker, capped at
     ``(1 - safety_margin) × budget_bytes``; a probe that completes fits. The fitted
     peak readings only guide where to probe next. ``upper_limit`` caps the answer.
+    ``confirm(m)`` runs the same trial at the largest accumulation the search will try:
+    the wall is confirmed with it, and lowered until a confirmation completes.
     """
     started = time.perf_counter()
     limit = budget_bytes * (1.0 - safety_margin)
@@ -128,16 +140,25 @@ def find_memory_wall(
     too_big: int | None = None  # smallest micro-batch known not to fit
     probes: list[dict] = []
 
-    def probe(micro_batch: int) -> bool:
-        nonlocal too_big
-        result = run_probe(micro_batch)
+    def run(runner: ProbeRunner, micro_batch: int) -> TrialResult:
+        result = runner(micro_batch)
         if on_probe is not None:
             on_probe(micro_batch, result)
         probes.append(
-            {"micro_batch": micro_batch, "status": result.status, "peak_memory_bytes": result.peak_memory_bytes}
+            {
+                "micro_batch": micro_batch,
+                "accumulation_steps": result.config.accumulation_steps,
+                "status": result.status,
+                "peak_memory_bytes": result.peak_memory_bytes,
+            }
         )
         if result.status == "error":
-            raise ProbeError(f"the task fails at micro-batch {micro_batch}: {result.error}")
+            raise ProbeError(f"the task fails at {_config_text(result.config)}: {result.error}")
+        return result
+
+    def probe(micro_batch: int) -> bool:
+        nonlocal too_big
+        result = run(run_probe, micro_batch)
         if result.status == "ok" and result.peak_memory_bytes is not None:
             fits[micro_batch] = result.peak_memory_bytes
             return True
@@ -175,6 +196,9 @@ def find_memory_wall(
         last_failed = not probe(guess)
 
     wall = max(fits)
+    accumulation = 1
+    if confirm is not None:
+        wall, accumulation = _confirm_wall(wall, lambda micro_batch: run(confirm, micro_batch), budget_bytes)
     return ProbeResult(
         max_micro_batch=wall,
         memory_model=MemoryModel.fit(sorted(fits.items())),
@@ -182,7 +206,48 @@ def find_memory_wall(
         safety_margin=safety_margin,
         probes=probes,
         seconds=time.perf_counter() - started,
+        accumulation_steps=accumulation,
     )
+
+
+def _confirm_wall(wall: int, run_confirm: Callable[[int], TrialResult], budget_bytes: int) -> tuple[int, int]:
+    """The largest micro-batch up to ``wall`` whose confirmation (at the search's largest accumulation) completes.
+
+    Returns it with that accumulation. Each failure steps down twice as far as the last,
+    from 3 % of the wall; once one completes, bisection pins the wall as the probe does.
+    """
+    confirmed: int | None = None  # the largest micro-batch whose confirmation completed
+    failed: int | None = None  # the smallest whose confirmation did not
+    accumulation = 1
+    micro_batch, step = wall, max(1, math.ceil(wall * STALL_STEP))
+    for _ in range(MAX_CONFIRMATIONS):
+        result = run_confirm(micro_batch)
+        accumulation = result.config.accumulation_steps
+        if result.status == "ok":
+            confirmed = micro_batch
+        else:
+            failed = micro_batch
+        if confirmed is not None and (failed is None or failed - confirmed <= max(1, int(confirmed * CLOSE_ENOUGH))):
+            break
+        if confirmed is None:
+            if micro_batch == 1:
+                break
+            micro_batch, step = max(1, micro_batch - step), step * 2
+        else:
+            assert failed is not None
+            micro_batch = (confirmed + failed) // 2
+    if confirmed is None:
+        raise ProbeError(
+            f"micro-batch {wall} fits the memory budget ({budget_bytes} bytes with its safety margin) at accumulation 1, "
+            f"but no micro-batch down to {micro_batch} fits at accumulation {accumulation}, the largest the search "
+            "tries; lower the search space's max_accumulation or raise memory_budget"
+        )
+    return confirmed, accumulation
+
+
+def _config_text(config: TrialConfig) -> str:
+    text = f"micro-batch {config.micro_batch_size}"
+    return text if config.accumulation_steps == 1 else f"{text} x accumulation {config.accumulation_steps}"
 
 
 def _first_probes(upper_limit: int | None) -> list[int]:

@@ -151,8 +151,10 @@ class TensorFlowTrial(Trial):
         for micro_batch, (x, y) in zip(window.micro_batches, micro_batches, strict=False):
             trainer.accumulate(x, y, tf.constant(len(micro_batch) / window.size, tf.float32))
         loss = float(trainer.apply())  # reading the loss waits for the update to finish
-        # A short last micro-batch would give the estimator a third batch size: its window is left out.
-        if measure and trainer.measures_noise and len({len(mb) for mb in window.micro_batches}) == 1:
+        # A short last micro-batch would give the estimator a third batch size, and a window of one
+        # micro-batch (a sample budget below the micro-batch) no second one: their windows are left out.
+        sizes = {len(mb) for mb in window.micro_batches}
+        if measure and trainer.measures_noise and len(window.micro_batches) > 1 and len(sizes) == 1:
             self.noise.add_window(self.config.micro_batch_size, window.size, *trainer.last_noise_norms())
         return loss
 

@@ -22,7 +22,11 @@ class ArrayData:
             self.y = tf.convert_to_tensor(np.ascontiguousarray(y))
 
     def micro_batches(self, index_arrays: Iterable[np.ndarray]) -> tf.data.Dataset:
-        """A dataset yielding ``(x[idx], y[idx])`` for each index array, prefetched in the background."""
+        """A dataset yielding ``(x[idx], y[idx])`` for each index array, one prefetched in the background.
+
+        One, not ``AUTOTUNE``: the tuner may deepen the buffer as it sees fit, and memory a
+        probe did not see could then break a trial at the wall (see :meth:`windows`).
+        """
         index_arrays = list(index_arrays)
         lengths = np.array([len(idx) for idx in index_arrays], dtype=np.int64)
         flat = np.concatenate(index_arrays).astype(np.int64) if index_arrays else np.empty(0, np.int64)
@@ -32,14 +36,15 @@ class ArrayData:
             return (
                 tf.data.Dataset.from_tensor_slices(rows)
                 .map(lambda idx: (tf.gather(x, idx), tf.gather(y, idx)))
-                .prefetch(tf.data.AUTOTUNE)
+                .prefetch(1)
             )
 
     def windows(self, chunks: Iterable[Sequence[Window]]) -> Iterator[tuple[Window, Iterator]]:
         """Each window with its micro-batches as a lazy iterator of ``(x, y)``, one pipeline per chunk.
 
         Lazy, so a window's micro-batches come out of the prefetching pipeline one at a
-        time, as the trainer asks for them.
+        time, as the trainer asks for them: the data held does not grow with the accumulation
+        steps, and a wall probed at one step holds at the largest the search tries.
         """
         for windows in chunks:
             batches = iter(self.micro_batches(mb for window in windows for mb in window.micro_batches))

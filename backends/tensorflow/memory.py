@@ -17,11 +17,34 @@ __all__ = [
     "unrecoverable",
 ]
 
-_OOM_TEXTS = ("OOM when allocating", "ResourceExhausted", "std::bad_alloc", "Failed to allocate memory")
+_OOM_TEXTS = (
+    "OOM when allocating",
+    "ResourceExhausted",
+    "std::bad_alloc",
+    "Failed to allocate memory",
+    # A copy to the GPU whose destination could not be allocated comes as InternalError
+    # "Dst tensor is not initialized." (tensorflow/tensorflow#7025).
+    "Dst tensor is not initialized",
+)
+
+# cuBLAS and cuDNN that could not allocate their handle or workspace, in whatever error
+# carries their status: cuDNN 8 says ALLOC_FAILED, cuDNN 9 INTERNAL_ERROR_*_ALLOCATION_FAILED.
+_CUDA_LIBRARY_OOM_TEXTS = (
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED",
+    "CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED",
+)
 
 # oneDNN kernels that cannot allocate their scratch memory raise these, as AbortedError
 # ("Compute received an exception: ... could not create a memory object" in MaxPoolGrad).
-_ONEDNN_OOM_TEXTS = ("could not create a memory object", "could not create a primitive")
+# "could not execute a primitive" (oneDNN's runtime error, in the fused MatMul) came in 4 of
+# 40 trials past the wall under a CPU budget (tensorflow-cpu 2.21), in none of ~60 within it.
+_ONEDNN_OOM_TEXTS = (
+    "could not create a memory object",
+    "could not create a primitive",
+    "could not execute a primitive",
+)
 
 
 def is_oom_error(error: BaseException | None) -> bool:
@@ -45,6 +68,10 @@ def is_oom_error(error: BaseException | None) -> bool:
         ):
             return True
         if isinstance(error, tf.errors.AbortedError) and any(text in str(error) for text in _ONEDNN_OOM_TEXTS):
+            return True
+        if isinstance(error, (tf.errors.OpError, RuntimeError)) and any(
+            text in str(error) for text in _CUDA_LIBRARY_OOM_TEXTS
+        ):
             return True
         if type(error).__name__ == "EncodeError" and "Failed to serialize" in str(error):
             return True

@@ -9,13 +9,14 @@ on the way, the gradient norms the noise-scale estimate needs.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
 from autobatch.backends._trial import mean_loss_in_batches
+from autobatch.backends.torch.data import MicroBatches
 from autobatch.backends.torch.precision import MixedPrecision
 
 __all__ = ["GradientNoiseMeter", "evaluate", "train_window"]
@@ -25,7 +26,7 @@ def train_window(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     loss_fn,
-    micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     *,
     precision: MixedPrecision | None = None,
     scheduler=None,
@@ -36,18 +37,29 @@ def train_window(
     Each micro-batch's mean loss is scaled by its share of the window's samples
     before ``backward``, so the accumulated gradient equals the full-window gradient.
     A ``noise_meter`` records the micro-batch and window gradient norms on the way.
+    ``micro_batches`` is a sequence, or a trial's :class:`~autobatch.backends.torch.data.MicroBatches`,
+    which knows the sizes ahead and fetches each micro-batch only when it is reached: so
+    one micro-batch's data is held at a time, whatever the accumulation.
     """
     precision = precision or MixedPrecision(torch.device("cpu"), enabled=False)
-    total = sum(len(y) for _, y in micro_batches)
+    if isinstance(micro_batches, MicroBatches):
+        sizes = micro_batches.sizes
+    else:
+        micro_batches = list(micro_batches)
+        sizes = [len(y) for _, y in micro_batches]
+    total = sum(sizes)
     window_loss = 0.0
     if noise_meter is not None:
         noise_meter.start_window()
-    for x, y in micro_batches:
-        share = len(y) / total
+    for size, (x, y) in zip(sizes, micro_batches, strict=True):
+        if len(y) != size:
+            raise ValueError(f"a micro-batch of {len(y)} samples where the window plan has {size}")
+        share = size / total
         with precision.autocast():
             loss = loss_fn(model(x), y) * share
         precision.backward(loss)
         window_loss += float(loss.detach())
+        del x, y, loss  # not held while the next micro-batch is fetched
         if noise_meter is not None:
             noise_meter.micro_batch_done(share)
     if noise_meter is not None:
@@ -93,8 +105,8 @@ class GradientNoiseMeter:
     reduction per parameter, and no copy of the accumulated gradient. The window's norm
     is read from ``.grad`` before the optimizer step. Everything stays on the device
     until :meth:`window_norms`, so measuring adds no synchronisation. A window whose
-    micro-batches differ in size (a short last one) is left out: the estimate needs
-    exactly two batch sizes.
+    micro-batches differ in size (a short last one), or of one micro-batch, is left out:
+    the estimate needs exactly two batch sizes.
     """
 
     def __init__(self, parameters: Iterable[torch.nn.Parameter]):
@@ -118,7 +130,8 @@ class GradientNoiseMeter:
         """Before the optimizer step, while ``.grad`` holds the window's gradient (× ``loss_scale``)."""
         self._active = False
         grads = [p.grad for p in self._parameters if p.grad is not None]
-        if not grads or not self._norms or len(set(self._shares)) != 1:
+        # One micro-batch (a sample budget below the window) gives no second batch size.
+        if not grads or not self._norms or len(self._shares) < 2 or len(set(self._shares)) != 1:
             return
         micro = torch.linalg.vector_norm(torch.stack(self._norms))
         window = torch.linalg.vector_norm(torch.stack([_norm(g) for g in grads]))

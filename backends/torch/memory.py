@@ -16,17 +16,35 @@ __all__ = ["ONEDNN_POISONED", "current_memory_bytes", "is_oom", "peak_memory_byt
 # allocator's own message, or oneDNN failing to build a kernel it had no memory for.
 _CPU_OOM_TEXTS = ("DefaultCPUAllocator: can't allocate memory", "could not create a primitive")
 
+# CUDA libraries that could not allocate their handle or workspace, outside the caching
+# allocator: "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"
+# (ATen's TORCH_CUDABLAS_CHECK), "cuDNN error: CUDNN_STATUS_ALLOC_FAILED" (cuDNN 8) or
+# "... CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED" (cuDNN 9; AT_CUDNN_CHECK).
+# A failed cudaMalloc outside the allocator says "CUDA error: out of memory" (AcceleratorError).
+_CUDA_LIBRARY_OOM_TEXTS = (
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED",
+    "CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED",
+)
+
 # oneDNN's words when it could not build a kernel for want of memory; the process cannot
 # run that kind of kernel again (see autobatch.backends.torch.adaptive.AdaptiveMicroBatcher).
 ONEDNN_POISONED = "could not create a primitive"
 
 
 def is_oom(error: BaseException) -> bool:
-    """Whether ``error`` is PyTorch's out-of-memory error, on CUDA or on the CPU under ``RLIMIT_DATA``."""
+    """Whether ``error`` is PyTorch's out-of-memory error, on CUDA or on the CPU under ``RLIMIT_DATA``.
+
+    ``torch.OutOfMemoryError`` and ``torch.AcceleratorError`` are RuntimeErrors; a CUDA
+    library's allocation failure is one by its text.
+    """
     if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
         return True
     text = str(error)
-    return isinstance(error, RuntimeError) and ("out of memory" in text or any(t in text for t in _CPU_OOM_TEXTS))
+    return isinstance(error, RuntimeError) and (
+        "out of memory" in text or any(t in text for t in (*_CPU_OOM_TEXTS, *_CUDA_LIBRARY_OOM_TEXTS))
+    )
 
 
 def unrecoverable(error: BaseException) -> UnrecoverableOOMError:
