@@ -25,7 +25,10 @@ from autobatch.process.worker import run_trial
 from autobatch.search.results import TuneResult, load_study_result
 from autobatch.search.space import SearchSpace
 from autobatch.search.tune import tune
-from autobatch.tasks.workload import Workload, load_workload
+from autobatch.tasks.keras_task import KerasTask
+from autobatch.tasks.loading import load_task, load_workload
+from autobatch.tasks.torch_task import TorchTask
+from autobatch.tasks.workload import Workload
 from autobatch.training.api import TrainingError, TrainingOOMError, TrainResult, train
 
 __version__ = "0.1.0"
@@ -51,9 +54,12 @@ __all__ = [
     "TrialResult",
     "SearchSpace",
     "TuneResult",
+    "KerasTask",
+    "TorchTask",
     "Workload",
     "backend_names",
     "get_backend",
+    "load_task",
     "load_workload",
     "load_study_result",
     "run_trial",

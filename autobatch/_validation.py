@@ -26,7 +26,16 @@ from typing import Any, TypeVar
 
 from autobatch.errors import InvalidParameterError
 
-__all__ = ["Interval", "Options", "StrOptions", "Constraint", "check_param", "validate_fields", "validate_params"]
+__all__ = [
+    "Constraint",
+    "Interval",
+    "IsCallable",
+    "Options",
+    "StrOptions",
+    "check_param",
+    "validate_fields",
+    "validate_params",
+]
 
 Function = TypeVar("Function", bound=Callable[..., Any])
 
@@ -114,6 +123,19 @@ class StrOptions(Options):
 
     def is_satisfied_by(self, value: object) -> bool:
         return isinstance(value, str) and value in self.options
+
+
+class IsCallable(Constraint):
+    """A function or any other callable object (a class, a ``functools.partial``)."""
+
+    def __init__(self, what: str = "a callable"):
+        self.what = what
+
+    def is_satisfied_by(self, value: object) -> bool:
+        return callable(value)
+
+    def __str__(self) -> str:
+        return f"must be {self.what}"
 
 
 def check_param(name: str, value: object, constraints: list[Constraint | None] | Constraint) -> None:

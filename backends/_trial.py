@@ -24,7 +24,8 @@ from autobatch.core.noise import NoiseScaleEstimator
 from autobatch.core.progress import TrialProgress
 from autobatch.core.schedule import TrialSchedule, run_schedule, trial_extras
 from autobatch.core.windows import SteadyStateTimer, Window
-from autobatch.tasks.workload import Workload
+from autobatch.tasks.loading import Task
+from autobatch.tasks.samples import longest_first
 
 __all__ = ["Trial", "TrialBackend", "mean_loss_in_batches"]
 
@@ -33,25 +34,35 @@ class TrialBackend(Backend):
     """A :class:`Backend` whose :meth:`run_trial` is this template; a subclass says how to :meth:`start_trial`."""
 
     @abc.abstractmethod
-    def start_trial(self, workload: Workload, config: TrialConfig, budget: TrialBudget, device: str) -> Trial:
-        """Build the trial's model, optimizer, loss, precision and data, once, ready to train."""
+    def start_trial(self, task: Task, config: TrialConfig, budget: TrialBudget, device: str) -> Trial:
+        """Build the trial's model, optimizer, loss, precision and data, once, ready to train.
+
+        ``task`` is any task this backend runs (a :class:`~autobatch.tasks.workload.Workload`, or the
+        framework's own task); one it cannot run is refused with an :class:`~autobatch.errors.InvalidParameterError`.
+        """
 
     def trial_scope(self, device: str) -> contextlib.AbstractContextManager[Any]:
         """What the trial runs inside, from building the model to the last evaluation (a device scope)."""
         return contextlib.nullcontext()
 
     def run_trial(
-        self, workload: Workload, config: TrialConfig, budget: TrialBudget, device: str, progress: TrialProgress
+        self, task: Task, config: TrialConfig, budget: TrialBudget, device: str, progress: TrialProgress
     ) -> TrialMeasurements:
         with self.trial_scope(device):
-            trial = self.start_trial(workload, config, budget, device)
-            schedule = TrialSchedule(len(workload.y_train), config.micro_batch_size, config.accumulation_steps, budget)
+            trial = self.start_trial(task, config, budget, device)
+            schedule = TrialSchedule(
+                trial.n_train,
+                config.micro_batch_size,
+                config.accumulation_steps,
+                budget,
+                longest_first=trial.longest_first(),
+            )
             trial.wait_for_device()
             progress.mark_baseline()  # model and data are in memory: what the worker records before training
             eval_batch = budget.eval_batch_size or config.micro_batch_size
 
             def validate() -> float:
-                return trial.evaluate(workload.x_val, workload.y_val, eval_batch, budget.val_samples)
+                return trial.evaluate(eval_batch, budget.val_samples)
 
             timer = SteadyStateTimer(budget.warmup_steps)
             outcome = run_schedule(
@@ -78,6 +89,11 @@ class Trial(abc.ABC):
     The noise-scale estimate needs two batch sizes, a micro-batch's and its window's, so it
     is measured only with accumulation (:attr:`measures_noise`); a backend adds its measured
     windows to :attr:`noise` as it trains or in :meth:`finish`.
+
+    A backend sets, while building the trial: :attr:`n_train` (the training samples), :attr:`sample_sizes`
+    (each training sample's size where memory depends on it, else ``None``: see
+    :func:`autobatch.tasks.samples.sample_sizes`) and :attr:`optimizer_name` (the class of the
+    optimizer built, from which the search reads the learning-rate rule's family).
     """
 
     def __init__(self, config: TrialConfig, budget: TrialBudget):
@@ -85,6 +101,13 @@ class Trial(abc.ABC):
         self.budget = budget
         self.measures_noise = budget.measure_noise and config.accumulation_steps > 1
         self.noise = NoiseScaleEstimator()
+        self.n_train = 0
+        self.sample_sizes: np.ndarray | None = None
+        self.optimizer_name = ""
+
+    def longest_first(self) -> np.ndarray | None:
+        """The training indices from the largest sample to the smallest; ``None`` when all are alike."""
+        return None if self.sample_sizes is None else longest_first(self.sample_sizes)
 
     @abc.abstractmethod
     def feed(self, chunks: Iterator[list[Window]]) -> Iterator[tuple[Window, Any]]:
@@ -98,8 +121,12 @@ class Trial(abc.ABC):
         """
 
     @abc.abstractmethod
-    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int, limit: int | None) -> float:
-        """The mean validation loss over the first ``limit`` samples (all when ``None``)."""
+    def evaluate(self, batch_size: int, limit: int | None) -> float:
+        """The mean validation loss over the first ``limit`` validation samples (all when ``None``).
+
+        Where memory depends on the sample, those samples are evaluated longest first, so the
+        evaluation's peak is its worst batch's too.
+        """
 
     def wait_for_device(self) -> None:
         """Let the device finish what building the trial queued, before the memory baseline is taken."""
@@ -110,8 +137,11 @@ class Trial(abc.ABC):
         return None  # nothing is left on the device unless a backend measures there
 
     def extras(self) -> dict[str, Any]:
-        """What this framework adds to ``TrialMeasurements.extras``."""
-        return {}
+        """What this trial adds to ``TrialMeasurements.extras``; a backend adds its own to these."""
+        extras: dict[str, Any] = {"optimizer": self.optimizer_name}
+        if self.sample_sizes is not None:  # the size the peak was measured at: the longest sample's
+            extras["worst_case_sample_size"] = int(self.sample_sizes.max())
+        return extras
 
 
 def mean_loss_in_batches(

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from autobatch.core.config import TrialBudget, TrialConfig
 from autobatch.core.progress import TrialProgress
 from autobatch.errors import AutobatchError
-from autobatch.tasks.workload import Workload
+from autobatch.tasks.loading import Task
 
 if TYPE_CHECKING:
     import numpy as np
@@ -45,7 +45,7 @@ class Backend(abc.ABC):
     :meth:`device_overhead_bytes`; on the CPU the worker measures the process.
     """
 
-    #: the framework's short name, as used in ``Workload.models``
+    #: the framework's short name, as used in ``Workload.models`` and a task's ``framework``
     name: str = ""
 
     #: what :meth:`training_session` makes; ``None``: this backend cannot train outside a trial
@@ -81,9 +81,9 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def run_trial(
-        self, workload: Workload, config: TrialConfig, budget: TrialBudget, device: str, progress: TrialProgress
+        self, task: Task, config: TrialConfig, budget: TrialBudget, device: str, progress: TrialProgress
     ) -> TrialMeasurements:
-        """Train ``budget.train_samples`` samples at ``config``, then measure validation loss."""
+        """Train ``task`` as ``budget`` says at ``config``, then measure validation loss."""
 
     @abc.abstractmethod
     def is_oom(self, error: BaseException) -> bool:
@@ -111,7 +111,7 @@ class Backend(abc.ABC):
 
     def training_session(
         self,
-        workload: Workload,
+        task: Task,
         config: TrialConfig,
         *,
         device: str,
@@ -119,7 +119,7 @@ class Backend(abc.ABC):
         mixed_precision: bool,
         controller: MicroBatchController,
     ) -> TrainingSession:
-        """A model of ``workload`` trained window by window with ``config``, for ``autobatch train``.
+        """A model of ``task`` trained window by window with ``config``, for ``autobatch train``.
 
         A backend names its :class:`TrainingSession` in :attr:`session_class`; one that cannot
         train outside a trial leaves it ``None``.
@@ -127,7 +127,7 @@ class Backend(abc.ABC):
         if self.session_class is None:
             raise NotImplementedError(f"backend {self.name or type(self).__name__!r} cannot train outside a trial")
         return self.session_class(
-            workload, config, device=device, seed=seed, mixed_precision=mixed_precision, controller=controller
+            task, config, device=device, seed=seed, mixed_precision=mixed_precision, controller=controller
         )
 
 
@@ -142,10 +142,13 @@ class TrainingSession(abc.ABC):
     #: process can take over
     crash_prone_oom: bool = False
 
+    #: the training samples :meth:`run_window`'s indices point into (set while building the session)
+    n_train: int = 0
+
     @abc.abstractmethod
     def __init__(
         self,
-        workload: Workload,
+        task: Task,
         config: TrialConfig,
         *,
         device: str,
@@ -153,7 +156,7 @@ class TrainingSession(abc.ABC):
         mixed_precision: bool,
         controller: MicroBatchController,
     ) -> None:
-        """Build ``workload``'s model, optimizer and loss on ``device``, seeded with ``seed``, to train at
+        """Build ``task``'s model, optimizer, loss and data on ``device``, seeded with ``seed``, to train at
         ``config``'s learning rate with the micro-batch ``controller`` keeps (made by
         :meth:`Backend.training_session`)."""
 
@@ -162,8 +165,9 @@ class TrainingSession(abc.ABC):
         """Train one optimizer step on the training samples at ``indices``; the window's mean loss."""
 
     @abc.abstractmethod
-    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int) -> float:
-        """The mean loss over ``x, y`` in batches of ``batch_size``, leaving the model ready to train."""
+    def evaluate(self, batch_size: int) -> float:
+        """The mean loss over the task's validation samples in batches of ``batch_size``, leaving the model
+        ready to train."""
 
     @abc.abstractmethod
     def release(self) -> None:

@@ -234,13 +234,13 @@ def torch_window(workload, batches, measure: bool):
     """One window of the trial loop's ``train_window``, with or without the noise meter."""
     import torch
 
-    from autobatch.backends.torch import GradientNoiseMeter, train_window
+    from autobatch.backends.torch import GradientNoiseMeter, supervised_loss, train_window
     from autobatch.backends.torch.training import make_loss, make_optimizer
 
     torch.manual_seed(0)
     model = workload.build_model("torch")
     optimizer = make_optimizer(workload.optimizer, model.parameters(), workload.base_learning_rate)
-    loss_fn = make_loss(workload.loss)
+    loss_fn = supervised_loss(make_loss(workload.loss))
     micro_batches = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in batches]
     meter = GradientNoiseMeter(model.parameters()) if measure else None
 

@@ -9,7 +9,7 @@ from autobatch import InvalidParameterError, MemoryBudget, TrialBudget, TrialCon
 from autobatch.core.registry import backend_names, backend_path
 from autobatch.core.windows import SampleStream, plan_windows
 from autobatch.errors import BackendNotFoundError, TaskLoadError
-from autobatch.tasks.workload import load_workload
+from autobatch.tasks.loading import load_workload
 
 
 def test_importing_autobatch_imports_no_framework():

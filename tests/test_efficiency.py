@@ -148,7 +148,7 @@ def test_a_time_budget_evaluates_at_even_points_reports_all_but_the_last_and_sto
 
 def test_torch_measures_each_micro_batch_gradient_and_the_window_gradient():
     torch = pytest.importorskip("torch")
-    from autobatch.backends.torch import GradientNoiseMeter, train_window
+    from autobatch.backends.torch import GradientNoiseMeter, supervised_loss, train_window
     from autobatch.backends.torch.training import make_loss
 
     torch.manual_seed(0)
@@ -166,7 +166,7 @@ def test_torch_measures_each_micro_batch_gradient_and_the_window_gradient():
     expected_window = squared_norm(x, y)
     model.zero_grad(set_to_none=True)
     meter = GradientNoiseMeter(model.parameters())
-    train_window(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, micro, noise_meter=meter)
+    train_window(model, torch.optim.SGD(model.parameters(), lr=0.1), supervised_loss(loss_fn), micro, noise_meter=meter)
     meter.close()
     [(micro_sq, window_sq)] = meter.window_norms()
     assert micro_sq == pytest.approx(expected_micro, rel=1e-9)

@@ -5,7 +5,7 @@ torch = pytest.importorskip("torch")
 
 from autobatch import TrialBudget, TrialConfig, load_workload  # noqa: E402
 from autobatch.backends.base import TrialProgress  # noqa: E402
-from autobatch.backends.torch import TorchBackend, evaluate, train_window  # noqa: E402
+from autobatch.backends.torch import ArrayDataset, TorchBackend, evaluate, supervised_loss, train_window  # noqa: E402
 from autobatch.backends.torch.training import make_loss  # noqa: E402
 
 
@@ -32,7 +32,7 @@ class _NoStep(torch.optim.SGD):
 
 
 def test_accumulated_gradient_equals_full_batch_gradient_with_short_last_micro_batch():
-    loss_fn = make_loss("cross_entropy")
+    loss_fn = supervised_loss(make_loss("cross_entropy"))
     model, x, y = _model_and_batch()
     torch.nn.functional.cross_entropy(model(x), y).backward()
     full = _gradients(model)
@@ -56,7 +56,7 @@ def test_unweighted_accumulation_would_be_wrong():
 
 
 def test_one_window_equals_one_full_batch_step():
-    loss_fn = make_loss("cross_entropy")
+    loss_fn = supervised_loss(make_loss("cross_entropy"))
     model_a, x, y = _model_and_batch(seed=1, n=13)
     model_b, _, _ = _model_and_batch(seed=1, n=13)
     opt_a = torch.optim.SGD(model_a.parameters(), lr=0.5, momentum=0.9)
@@ -91,9 +91,14 @@ def test_extra_windows_keep_throughput_measurable_when_the_budget_is_one_window(
 def test_evaluate_weights_every_sample_equally():
     model, x, y = _model_and_batch(n=10)
     reference = float(torch.nn.functional.cross_entropy(model(x), y).detach())
+    dataset = ArrayDataset(x.numpy(), y.numpy())
     for batch in (3, 4, 10):
-        value = evaluate(model, make_loss("cross_entropy"), x.numpy(), y.numpy(), batch, torch.device("cpu"))
+        value = evaluate(model, supervised_loss(make_loss("cross_entropy")), dataset, batch, torch.device("cpu"))
         assert value == pytest.approx(reference, rel=1e-9)
+    first = float(torch.nn.functional.cross_entropy(model(x[:7]), y[:7]).detach())
+    assert evaluate(model, supervised_loss(make_loss("cross_entropy")), dataset, 3, torch.device("cpu"), limit=7) == (
+        pytest.approx(first, rel=1e-9)
+    )
 
 
 def test_oom_classification():

@@ -17,7 +17,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from autobatch.backends.torch import AdaptiveMicroBatcher, MixedPrecision, train_window  # noqa: E402
+from autobatch.backends.torch import AdaptiveMicroBatcher, MixedPrecision, supervised_loss, train_window  # noqa: E402
 
 INIT_SCALE = 2.0**10
 WINDOWS = 3
@@ -82,7 +82,7 @@ def _train(micro: int, *, scaled: bool, poison=None, with_scheduler: bool = True
         train_window(
             model,
             optimizer,
-            torch.nn.functional.cross_entropy,
+            supervised_loss(torch.nn.functional.cross_entropy),
             _split(x, y, micro),
             precision=precision,
             scheduler=scheduler,
@@ -199,7 +199,7 @@ def test_on_cuda_mixed_precision_scales_once_per_window():
         train_window(
             model,
             optimizer,
-            torch.nn.functional.cross_entropy,
+            supervised_loss(torch.nn.functional.cross_entropy),
             micro_batches,
             precision=precision,
             scheduler=scheduler,

@@ -43,7 +43,11 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "task", metavar="TASK", help="a study name (digits-mlp, digits-cnn, synthetic-images) or package.module:factory"
     )
-    parser.add_argument("--backend", default="torch", help="framework backend: torch or tensorflow (default torch)")
+    parser.add_argument(
+        "--backend",
+        default=None,
+        help="framework backend: torch or tensorflow (default: the task's own; torch for a study that has both)",
+    )
     parser.add_argument(
         "--memory-budget", default=None, help="e.g. 1.5GiB, 800MB or 75%% (of the device, or of available RAM on CPU)"
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from autobatch.cli import dashboard, devices, report, show, train, trial, tune, worker
 from autobatch.cli._common import FLAGS
@@ -28,6 +29,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    # A task named "my_task:factory" lives in the working directory, as an app does for uvicorn or
+    # gunicorn; the console script's own sys.path starts at its bin folder instead. Workers inherit it.
+    if "" not in sys.path and sys.path[:1] != [str(Path.cwd())]:
+        sys.path.insert(0, str(Path.cwd()))
     try:
         return args.handler(args)
     except InvalidParameterError as error:

@@ -29,16 +29,17 @@ def run(args: argparse.Namespace) -> int:
     from autobatch.core.config import TrialConfig
     from autobatch.core.memory import format_bytes
     from autobatch.process.worker import run_trial
-    from autobatch.tasks.workload import load_workload
+    from autobatch.tasks.loading import load_task, task_framework
 
     memory_budget = _announced_budget(args.memory_budget, args.device)
     budget = trial_budget_from_args(args)
-    workload = load_workload(args.task)  # a task that does not load fails here, as bad input
+    workload = load_task(args.task)  # a task that does not load fails here, as bad input
+    backend = task_framework(workload, args.backend)
     learning_rate = args.lr if args.lr is not None else workload.base_learning_rate
     config = TrialConfig(args.micro_batch, args.accumulation, learning_rate)
     result = run_trial(
         args.task,
-        args.backend,
+        backend,
         config,
         memory_budget=memory_budget,
         budget=budget,

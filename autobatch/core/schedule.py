@@ -26,6 +26,10 @@ from autobatch.core.windows import SampleStream, SteadyStateTimer, Window, extra
 FIRST_CHUNK_WINDOWS = 8
 MAX_CHUNK_WINDOWS = 256
 
+#: windows of the longest samples a trial trains first, where memory depends on the sample: the first
+#: builds the optimizer's state, the second runs with it, so the peak of the worst window is measured
+WORST_CASE_WINDOWS = 2
+
 #: feed(chunks) -> iterator of (window, that window's micro-batches in the backend's own form)
 Feed = Callable[[Iterator[list[Window]]], Iterator[tuple[Window, Any]]]
 
@@ -56,12 +60,21 @@ class ScheduleOutcome:
 class TrialSchedule:
     """The windows and evaluation points of one trial, drawn from one seeded sample stream."""
 
-    def __init__(self, n_train: int, micro_batch_size: int, accumulation_steps: int, budget):
+    def __init__(
+        self, n_train: int, micro_batch_size: int, accumulation_steps: int, budget, longest_first=None
+    ) -> None:
+        """``longest_first``: the training indices from the largest sample to the smallest, where a
+        sample's memory depends on its size; the trial then trains :data:`WORST_CASE_WINDOWS` windows of
+        the longest samples first, so its peak is the worst window's (the first micro-batch of each
+        holds the very longest)."""
         self.budget = budget
         self.micro_batch_size = micro_batch_size
         self.accumulation_steps = accumulation_steps
         self._stream = SampleStream(n_train, seed=budget.seed)
         self._next_index = 0
+        effective = micro_batch_size * accumulation_steps
+        self._worst_case = None if longest_first is None else longest_first[:effective]
+        self._worst_case_left = 0 if longest_first is None else WORST_CASE_WINDOWS
 
     @property
     def time_budgeted(self) -> bool:
@@ -96,11 +109,18 @@ class TrialSchedule:
         return self._take(extra * self.micro_batch_size * self.accumulation_steps)
 
     def _take(self, samples: int) -> list[Window]:
-        windows = list(
-            plan_windows(self._stream, samples, self.micro_batch_size, self.accumulation_steps, self._next_index)
-        )
-        self._next_index += len(windows)
-        return windows
+        windows: list[Window] = []
+        size = self.micro_batch_size
+        while self._worst_case is not None and self._worst_case_left and samples > 0:
+            indices = self._worst_case[:samples]
+            micro_batches = tuple(indices[i : i + size] for i in range(0, len(indices), size))
+            windows.append(Window(self._next_index, micro_batches))
+            self._next_index += 1
+            self._worst_case_left -= 1
+            samples -= len(indices)
+        planned = list(plan_windows(self._stream, samples, size, self.accumulation_steps, self._next_index))
+        self._next_index += len(planned)
+        return windows + planned
 
 
 def run_schedule(

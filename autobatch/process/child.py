@@ -270,9 +270,9 @@ def _measure_load(setup_json: str) -> int:
     setup = json.loads(setup_json)
     enter_child(setup)
     from autobatch.core.registry import get_backend
-    from autobatch.tasks.workload import load_workload
+    from autobatch.tasks.loading import load_task
 
     get_backend(setup["backend"])
-    load_workload(setup["task"])
+    load_task(setup["task"])
     print(memory_status().get("VmData", ""), flush=True)
     return 0

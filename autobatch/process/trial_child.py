@@ -38,7 +38,7 @@ from autobatch.process.child import CpuPeakMeter, enter_child, memory_status
 
 if TYPE_CHECKING:
     from autobatch.backends.base import Backend
-    from autobatch.tasks.workload import Workload
+    from autobatch.tasks.loading import Task
 
 #: the phase of a child that is still importing the framework and loading the task
 LOAD_PHASE = "load"
@@ -136,7 +136,7 @@ class _Worker:
         self.device = setup["device"]
         self.phase_fd = setup["phase_fd"]
         self.backend: Backend | None = None
-        self.workload: Workload | None = None
+        self.workload: Task | None = None
         self.load_error: BaseException | None = None
         self.device_error: BaseException | None = None  # the device could not be configured
         self.load_timings: dict[str, float] = {}
@@ -153,7 +153,7 @@ class _Worker:
         """Import the framework, configure the device, load the task; a failure is reported by the first trial."""
         try:
             from autobatch.core.registry import get_backend
-            from autobatch.tasks.workload import load_workload
+            from autobatch.tasks.loading import load_task
 
             started = time.perf_counter()
             self.backend = get_backend(self.setup["backend"])
@@ -164,7 +164,7 @@ class _Worker:
                 self.device_error = error
                 return
             started = time.perf_counter()
-            self.workload = load_workload(self.setup["task"])
+            self.workload = load_task(self.setup["task"])
             self.load_timings["task_load"] = time.perf_counter() - started
         except BaseException as error:  # noqa: BLE001 - reported as the trial's result
             self.load_error = error

@@ -29,7 +29,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from typing import IO
+from typing import IO, Any
 
 from autobatch._validation import Interval, check_param
 from autobatch.core.config import TrialBudget, TrialConfig, TrialResult
@@ -73,8 +73,8 @@ LOAD_ALLOWANCE_SECONDS = 600.0
 
 
 def run_trial(
-    task: str,
-    backend: str,
+    task: Any,
+    backend: str | None,
     config: TrialConfig,
     *,
     memory_budget: str | int | MemoryBudget | None = None,
@@ -87,7 +87,14 @@ def run_trial(
 
     ``memory_budget`` is enforced for real (see module docstring); ``None`` means no
     cap. ``timeout`` (seconds) kills a trial that runs longer and reports ``timeout``.
+    ``task`` is a study name, an import path or a factory function; ``backend`` ``None`` runs it
+    on its own framework (the task is then loaded here once to tell which).
     """
+    from autobatch.tasks.loading import load_task, task_framework, task_path
+
+    task = task_path(task)
+    if backend is None:
+        backend = task_framework(load_task(task), None)
     with TrialWorker(task, backend, memory_budget=memory_budget, device=device, verbose=verbose) as worker:
         return worker.run(config, budget, timeout=timeout)
 

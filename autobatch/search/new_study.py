@@ -24,10 +24,11 @@ from autobatch.errors import AutobatchError, InvalidParameterError, StorageError
 from autobatch.search.objectives import Objective, get_objective
 from autobatch.search.probe import ProbeResult, find_memory_wall
 from autobatch.search.space import SearchSpace, scaled_learning_rate
+from autobatch.tasks.optimizers import optimizer_family
 
 if TYPE_CHECKING:
     from autobatch.process.worker import TrialWorker
-    from autobatch.tasks.workload import Workload
+    from autobatch.tasks.loading import Task
 
 #: the noise probe's accumulation: four micro-batches give |G_small|² a fair average per window
 NOISE_PROBE_ACCUMULATION = 4
@@ -42,7 +43,7 @@ class StudyPlan:
     """
 
     settings: dict
-    workload: Workload
+    workload: Task
     search_space: SearchSpace
     trial_budget: TrialBudget
     make_worker: Callable[[int], TrialWorker]
@@ -60,6 +61,7 @@ class StudyPlan:
             probe_limit
         ) as probe_worker:  # the noise probe reuses the worker the memory probe started
             probe = self._probe_memory_wall(probe_worker)
+            self._learn_from_probe(probe)
             if self.needs_noise_probe():
                 noise = self._probe_noise_scale(probe_worker, probe.max_micro_batch)
         study = create_study(storage, study_name, sampler, seed, get_objective(settings["objective"]))
@@ -68,6 +70,32 @@ class StudyPlan:
             study.set_user_attr("autobatch_noise", noise)
         self._enqueue_starting_points(study, probe.max_micro_batch, noise)
         study.set_user_attr("autobatch_probe", probe.to_dict())  # last: the study is ready to join
+
+    def __post_init__(self) -> None:
+        self._probe_extras: list[dict] = []  # what the probe trials that ran to the end said of the task
+
+    def _learn_from_probe(self, probe: ProbeResult) -> None:
+        """What only a built model tells: the optimizer's family (and so the learning-rate rule),
+        the smallest micro-batch the model can train on, the longest sample the wall was measured at."""
+        settings, extras = self.settings, self._probe_extras
+        names = [e["optimizer"] for e in extras if e.get("optimizer")]
+        if settings.get("optimizer") is None:
+            if not names:
+                raise AutobatchError("no memory probe reported the task's optimizer: the learning-rate rule is unknown")
+            settings["optimizer"] = optimizer_family(names[0])
+        if names:
+            settings["optimizer_class"] = names[0]
+        if settings.get("lr_rule") is None:
+            settings["lr_rule"] = self.search_space.rule_for(settings["optimizer"], settings["objective"])
+        smallest = max([1, *(int(e.get("min_micro_batch", 1)) for e in extras)])
+        if smallest > self.search_space.min_micro_batch:
+            # BatchNorm in training mode cannot normalise one sample: such micro-batches leave the space.
+            self.search_space = dataclasses.replace(self.search_space, min_micro_batch=smallest)
+            settings["search_space"] = self.search_space.to_dict()
+            settings["task_min_micro_batch"] = smallest
+        sizes = [int(e["worst_case_sample_size"]) for e in extras if e.get("worst_case_sample_size") is not None]
+        if sizes:
+            probe.worst_case_sample_size = max(sizes)
 
     def needs_noise_probe(self) -> bool:
         """Goodput and the adascale rule need B_noise before the first trial: a noise probe measures it."""
@@ -90,11 +118,13 @@ class StudyPlan:
             result = worker.run(config, probe_budget, timeout=self.trial_timeout)
             if result.status == "ok" and result.val_loss is not None:
                 losses.append(result.val_loss)
+            if result.status == "ok":
+                self._probe_extras.append(result.extras)
             return result
 
         # A micro-batch larger than the training split would repeat samples within one
         # forward pass: the split's size is the natural ceiling unless the user sets one.
-        ceiling = space.max_micro_batch or len(workload.x_train)
+        ceiling = space.max_micro_batch or workload.n_train
         probe = find_memory_wall(
             run_probe,
             self.settings["memory_budget_bytes"],
@@ -174,7 +204,7 @@ class StudyPlan:
                 rule,
                 0.0,
                 noise_scale=noise_scale,
-                optimizer=workload.optimizer,
+                optimizer=settings["optimizer"],
             )
 
         for config in (TrialConfig(high, 1, at_rule(high)), TrialConfig(base, 1, at_rule(base))):
@@ -184,7 +214,7 @@ class StudyPlan:
                 config,
                 workload.base_batch_size,
                 workload.base_learning_rate,
-                workload.optimizer,
+                settings["optimizer"],
                 pin_learning_rate=pin,
                 rule=rule,
                 noise_scale=noise_scale,

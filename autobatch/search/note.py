@@ -71,6 +71,7 @@ def study_note(study, result) -> str:
         f"{probe.get('seconds', 0):.1f} s; peak ≈ {format_bytes(model.get('intercept_bytes'))} + "
         f"{format_bytes(model.get('bytes_per_sample'))} per sample).",
         "",
+        *_worst_case_lines(probe),
         f"On {settings.get('device', '?')} the budget covers "
         f"{budget_coverage(settings.get('backend'), settings.get('device', 'cpu'))}.",
         "",
@@ -204,7 +205,8 @@ def summary_text(result) -> str:
     lines = [
         f"study {result.study_name!r} in {result.storage}",
         f"objective: {objective} ({objective_text(objective, settings)})",
-        f"memory budget {format_bytes(result.memory_budget_bytes)}; largest micro-batch that fits: {result.max_micro_batch}",
+        f"memory budget {format_bytes(result.memory_budget_bytes)}; largest micro-batch that fits: "
+        f"{result.max_micro_batch}{_worst_case_text(result)}",
         f"{result.n_trials} trials, {result.n_oom_trials} out of memory, {result.n_failed_trials} failed{_pruned_text(result)}",
         "",
         "Feasible Pareto front:",
@@ -246,3 +248,20 @@ def telemetry_advice(recommended: dict | None, settings: dict) -> list[str]:
         num_workers=trial_budget.get("num_workers", 0),
         mixed_precision=trial_budget.get("mixed_precision", False),
     )
+
+
+def _worst_case_lines(probe: dict) -> list[str]:
+    """Where memory depends on the sample: which size the wall holds for."""
+    size = probe.get("worst_case_sample_size")
+    if size is None:
+        return []
+    return [
+        f"The task's samples differ in size: every probe and trial trained its first windows on the longest "
+        f"samples (size {size}), so the wall holds for the worst batch of an epoch, not just a random one.",
+        "",
+    ]
+
+
+def _worst_case_text(result) -> str:
+    size = (getattr(result, "probe", None) or {}).get("worst_case_sample_size")
+    return "" if size is None else f" (measured on windows of the longest samples, size {size})"

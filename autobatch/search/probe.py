@@ -92,6 +92,8 @@ class ProbeResult:
     seconds: float = 0.0
     #: the accumulation the wall was confirmed at: the largest the search tries (1: not confirmed beyond one step)
     accumulation_steps: int = 1
+    #: where memory depends on the sample: the size of the longest one, which every probe's worst window held
+    worst_case_sample_size: int | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -102,6 +104,7 @@ class ProbeResult:
             "probes": self.probes,
             "seconds": self.seconds,
             "accumulation_steps": self.accumulation_steps,
+            "worst_case_sample_size": self.worst_case_sample_size,
         }
 
     @classmethod
@@ -114,6 +117,7 @@ class ProbeResult:
             probes=list(data.get("probes", [])),
             seconds=float(data.get("seconds", 0.0)),
             accumulation_steps=int(data.get("accumulation_steps", 1)),
+            worst_case_sample_size=data.get("worst_case_sample_size"),
         )
 
 
@@ -153,7 +157,11 @@ def find_memory_wall(
             }
         )
         if result.status == "error":
-            raise ProbeError(f"the task fails at {_config_text(result.config)}: {result.error}")
+            # One line: the error's own (a task's bad input names its parameter); the trial's
+            # traceback is one `autobatch trial ... --json` away, and would bury it here.
+            reason = (result.error or "").strip().splitlines()[0] if (result.error or "").strip() else "no message"
+            reason = reason.removeprefix("InvalidParameterError: ")
+            raise ProbeError(f"the task fails at {_config_text(result.config)}: {reason}")
         return result
 
     def probe(micro_batch: int) -> bool:

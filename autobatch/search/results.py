@@ -69,10 +69,17 @@ class TuneResult:
     def study_name(self) -> str:
         return self.study.study_name
 
+    @property
+    def worst_case_sample_size(self) -> int | None:
+        """Where the task's samples differ in size: the longest one's, which the wall was measured with."""
+        size = (self.probe or {}).get("worst_case_sample_size")
+        return None if size is None else int(size)
+
     def to_dict(self) -> dict:
         return {
             "recommended": self.recommended,
             "max_micro_batch": self.max_micro_batch,
+            "worst_case_sample_size": self.worst_case_sample_size,
             "pareto_front": self.pareto_front,
             "n_trials": self.n_trials,
             "n_oom_trials": self.n_oom_trials,

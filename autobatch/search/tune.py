@@ -67,8 +67,8 @@ DEFAULT_PRUNER = "successive-halving"
     }
 )
 def tune(
-    task: str,
-    backend: str = "torch",
+    task: Any,
+    backend: str | None = None,
     *,
     memory_budget: str | int | MemoryBudget | None = None,
     n_trials: int | None = 20,
@@ -121,7 +121,8 @@ def tune(
     """
     from autobatch.core.devices import default_device
     from autobatch.core.registry import backend_path
-    from autobatch.tasks.workload import load_workload
+    from autobatch.tasks.loading import load_task, task_framework, task_path
+    from autobatch.tasks.workload import Workload
 
     # Validate everything before touching the storage, so bad input leaves it as it was.
     if n_trials is None and timeout is None and study_trials is None:
@@ -129,8 +130,10 @@ def tune(
     check_worker_options(n_workers, study_trials, heartbeat_interval, grace_period)
     search_space = search_space or SearchSpace()
     trial_budget = trial_budget or TrialBudget()
+    task = task_path(task)  # a factory given as an object travels to the workers by its import path
+    workload = load_task(task)
+    backend = task_framework(workload, backend)
     backend_path(backend)
-    workload = load_workload(task)
 
     # The budget: as given, or the default share of the device.
     spread_gpus = device is None  # several local workers take a GPU each unless one is named
@@ -149,11 +152,14 @@ def tune(
         "trial_budget": trial_budget.to_dict(),
         "base_batch_size": workload.base_batch_size,
         "base_learning_rate": workload.base_learning_rate,
-        "optimizer": workload.optimizer,
+        "n_train": workload.n_train,
+        # A task's optimizer is built in a trial: its family, and the rule it implies, come from the
+        # first probe (StudyPlan._learn_from_probe) unless the task or the search space names the rule.
+        "optimizer": workload.optimizer if isinstance(workload, Workload) else None,
         "objective": objective or "pareto",
         "pruner": pruner or DEFAULT_PRUNER,
-        "lr_rule": search_space.rule_for(workload.optimizer, objective or "pareto"),
     }
+    settings["lr_rule"] = _initial_rule(search_space, workload, settings["optimizer"], settings["objective"])
     _check_objective_settings(settings, trial_budget)
 
     def make_worker(cap_bytes: int) -> TrialWorker:
@@ -196,6 +202,7 @@ def tune(
 
     # The search: here, or in local worker processes that report their trials here.
     probe = ProbeResult.from_dict(study.user_attrs["autobatch_probe"])
+    search_space = _with_task_minimum(search_space, study.user_attrs.get("autobatch", {}))
     runner = SearchRunner(study, search_space, probe, settings, on_trial)
     if n_workers > 1:
         spec = worker_spec(
@@ -229,6 +236,26 @@ def tune(
 
 def default_study_name(task: str, backend: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{task}-{backend}").strip("-")
+
+
+def _initial_rule(search_space: SearchSpace, task, optimizer: str | None, objective: str) -> str | None:
+    """The learning-rate rule as far as it is known before any trial: the search space's, the task's,
+    goodput's, or the optimizer family's; ``None`` until a probe has built the task's optimizer."""
+    if search_space.lr_rule:
+        return search_space.lr_rule
+    if getattr(task, "lr_rule", None):
+        return task.lr_rule
+    if optimizer is None and objective != "goodput":
+        return None
+    return search_space.rule_for(optimizer or "adam", objective)
+
+
+def _with_task_minimum(search_space: SearchSpace, stored: dict) -> SearchSpace:
+    """The space without micro-batches the task's model cannot train on (one sample under BatchNorm)."""
+    smallest = int(stored.get("task_min_micro_batch", 1))
+    if smallest <= search_space.min_micro_batch:
+        return search_space
+    return dataclasses.replace(search_space, min_micro_batch=smallest)
 
 
 def _resolve_budget(memory_budget, n_workers: int, device: str) -> tuple[MemoryBudget, int, str | None]:
@@ -277,10 +304,12 @@ def _adopt_study_settings(study, settings: dict, trial_budget: TrialBudget, spac
         settings["objective"] = stored.get("objective", "pareto")  # studies from before objectives are pareto
     if pruner is None:
         settings["pruner"] = stored.get("pruner", DEFAULT_PRUNER)
+    if settings.get("optimizer") is None:  # the family the study's probe read off the task's optimizer
+        settings["optimizer"] = stored.get("optimizer")
     if space.lr_rule is None and stored.get("lr_rule"):
         settings["lr_rule"] = stored["lr_rule"]
     elif space.lr_rule is None:
-        settings["lr_rule"] = space.rule_for(settings["optimizer"], settings["objective"])
+        settings["lr_rule"] = space.rule_for(settings["optimizer"] or "adam", settings["objective"])
     stored_budget = stored.get("trial_budget", {})
     if trial_budget.train_seconds is None and stored_budget.get("train_seconds") is not None:
         trial_budget = dataclasses.replace(

@@ -1,9 +1,9 @@
-"""Workloads: what a trial trains, and how a task name becomes one.
+"""Workloads: the shortest form of a task, numpy arrays and a model per framework.
 
-A workload holds its data as numpy arrays (each backend wraps them natively) and,
-per framework, a builder of the untrained model. Tasks are named by a study's short
-name (``"digits-cnn"``) or by an import path ``"package.module:factory"`` whose
-factory returns a :class:`Workload`, so a spawned worker can rebuild it.
+A workload holds its data as numpy arrays (each backend wraps them natively), a loss and an
+optimizer by name, and, per framework, a builder of the untrained model: the same task runs on
+PyTorch and TensorFlow alike. A user's own training code is a :class:`~autobatch.TorchTask` or
+a :class:`~autobatch.KerasTask`; :mod:`autobatch.tasks.loading` loads any of them by name.
 """
 
 from __future__ import annotations
@@ -62,6 +62,18 @@ class Workload:
                 "x_train/x_val", (len(self.x_train), len(self.x_val)), "splits must not be empty"
             )
 
+    @property
+    def frameworks(self) -> tuple[str, ...]:
+        return tuple(self.models)
+
+    @property
+    def n_train(self) -> int:
+        return len(self.y_train)
+
+    @property
+    def n_val(self) -> int:
+        return len(self.y_val)
+
     def build_model(self, framework: str) -> Any:
         """A fresh, untrained model for ``framework``."""
         if framework not in self.models:
@@ -72,31 +84,3 @@ class Workload:
         if isinstance(builder, str):
             builder = import_object(builder)
         return builder()
-
-
-def load_workload(task: str) -> Workload:
-    """Build the workload named by a study short name or a ``module:factory`` path."""
-    from autobatch.studies import STUDIES
-
-    if not isinstance(task, str) or not task:
-        raise InvalidParameterError("task", task, "must be a study name or an import path 'package.module:factory'")
-    path = STUDIES.get(task, task)
-    if ":" not in path:
-        raise TaskLoadError(
-            f"task={task!r}: no study of that name, and not an import path 'package.module:factory'; "
-            f"studies: {', '.join(sorted(STUDIES))}"
-        )
-    try:
-        factory = import_object(path)
-    except TaskLoadError as error:
-        raise TaskLoadError(f"task={task!r}: {error}") from None
-    if isinstance(factory, Workload) or not callable(factory):
-        workload = factory
-    else:
-        try:
-            workload = factory()
-        except Exception as error:  # the user's factory failed: bad input, not our crash
-            raise TaskLoadError(f"task={task!r}: {path} raised {type(error).__name__}: {error}") from None
-    if not isinstance(workload, Workload):
-        raise TaskLoadError(f"task={task!r}: {path} gave {type(workload).__name__}, expected an autobatch.Workload")
-    return workload

@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -73,8 +74,8 @@ _COUNT = Interval(int, 1, None)
     }
 )
 def train(
-    task: str,
-    backend: str = "torch",
+    task: Any,
+    backend: str | None = None,
     *,
     micro_batch_size: int | None = None,
     accumulation_steps: int | None = None,
@@ -174,11 +175,13 @@ def plan_epochs(
 def _prepare(**options) -> dict:
     """The child's setup: the config resolved, and what only the task, the study and the files can tell checked."""
     from autobatch.core.registry import backend_path
-    from autobatch.tasks.workload import load_workload
+    from autobatch.tasks.loading import load_task, task_framework, task_path
 
-    task, backend = options["task"], options["backend"]
-    backend_path(backend)  # an unknown backend fails here
-    workload = load_workload(task)  # a task that does not load fails here, as bad input
+    task = task_path(options["task"])  # a factory given as an object reaches the child by its import path
+    workload = load_task(task)  # a task that does not load fails here, as bad input
+    backend = options["backend"]
+    if backend is not None:
+        backend_path(backend)  # an unknown backend fails here
 
     study_name = options["study_name"]
     memory_budget, device, mixed_precision = options["memory_budget"], options["device"], options["mixed_precision"]
@@ -192,6 +195,7 @@ def _prepare(**options) -> dict:
                 "study_name", study_name, f"give a study or a config ({', '.join(given)}), not both"
             )
         recommended, settings, wall = _study_config(study_name, options["storage"], task, backend)
+        backend = backend or settings.get("backend")  # the study's own framework
         config = TrialConfig(
             recommended["micro_batch_size"], recommended["accumulation_steps"], recommended["learning_rate"]
         )
@@ -209,6 +213,7 @@ def _prepare(**options) -> dict:
             1 if options["accumulation_steps"] is None else options["accumulation_steps"],
             workload.base_learning_rate if options["learning_rate"] is None else options["learning_rate"],
         )
+    backend = task_framework(workload, backend)  # after the study's check: its mismatch says more
     max_micro = options["max_micro_batch"]
     if max_micro is None:
         max_micro = max(config.micro_batch_size, wall or 0)
@@ -230,7 +235,7 @@ def _prepare(**options) -> dict:
         "config": config.to_dict(),
         "epochs": options["epochs"],
         "max_samples": options["max_samples"],
-        "n_train": len(workload.y_train),
+        "n_train": workload.n_train,
         "adaptive": bool(options["adaptive"]),
         "max_micro_batch": max_micro,
         "grow_after": options["grow_after"],
@@ -242,14 +247,14 @@ def _prepare(**options) -> dict:
     }
 
 
-def _study_config(study_name: str, storage: str | None, task: str, backend: str) -> tuple[dict, dict, int]:
+def _study_config(study_name: str, storage: str | None, task: str, backend: str | None) -> tuple[dict, dict, int]:
     from autobatch.search.results import load_study_result
     from autobatch.search.storage import DEFAULT_STORAGE
 
     result = load_study_result(storage or DEFAULT_STORAGE, study_name)
     settings = result.study.user_attrs.get("autobatch", {})
     for key, value in (("task", task), ("backend", backend)):
-        if settings.get(key) not in (None, value):
+        if value is not None and settings.get(key) not in (None, value):
             raise StorageError(
                 f"study_name={study_name!r} was made for {key}={settings[key]!r}, not {value!r}; "
                 f"train it with {key}={settings[key]!r}, or name a study made for {value!r}"

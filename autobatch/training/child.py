@@ -56,7 +56,7 @@ def main(setup_path: str) -> int:
     loaded = False  # the framework imported and the task loaded
     try:
         from autobatch.core.registry import get_backend
-        from autobatch.tasks.workload import load_workload
+        from autobatch.tasks.loading import load_task
 
         backend = get_backend(setup["backend"])  # imports the framework, under the cap
         budget_bytes = setup.get("memory_budget_bytes")
@@ -65,7 +65,7 @@ def main(setup_path: str) -> int:
         backend.configure_device(setup["device"], budget_bytes)
         if budget_bytes and setup["device"] != "cpu":
             backend.apply_memory_cap(budget_bytes, setup["device"])
-        workload = load_workload(setup["task"])
+        workload = load_task(setup["task"])
         loaded = True
         training = TrainingLoop(setup, backend, workload, send)
         training.run()
@@ -133,7 +133,7 @@ class TrainingLoop:
                 f"backend={setup['backend']!r} has no TrainingSession: it cannot train outside a trial"
             ) from error
         self.windows = plan_epochs(
-            len(workload.y_train),
+            self.session.n_train,
             self.config.effective_batch_size,
             setup["epochs"],
             setup["seed"],
@@ -244,7 +244,7 @@ class TrainingLoop:
         batch = self.setup["eval_batch_size"] or self.controller.micro_batch_size
         while True:
             try:
-                return batch, float(self.session.evaluate(self.workload.x_val, self.workload.y_val, batch))
+                return batch, float(self.session.evaluate(batch))
             except UnrecoverableOOMError as error:
                 raise TrainingOOMError(eval_oom_message(batch, error.detail, adaptive=False)) from error
             except BaseException as error:

@@ -7,7 +7,8 @@ accumulators; ``apply`` steps the optimizer once per window and zeroes them. Onl
 one micro-batch's activations are alive at a time, which is what saves memory (one
 tape around all micro-batches would keep every activation until the end). The batch
 dimension of the traced signature is ``None``, so a short last micro-batch runs the
-same graph: no retrace, no padding.
+same graph: no retrace, no padding; so are the dimensions of a sequence whose length
+varies (see :mod:`autobatch.backends.tensorflow.data`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import numpy as np
 
 from autobatch.backends._trial import mean_loss_in_batches
 from autobatch.backends.tensorflow._framework import keras, tf
-from autobatch.backends.tensorflow.training import PerSampleLoss, make_loss
+from autobatch.backends.tensorflow.data import SampleData
+from autobatch.backends.tensorflow.training import PerSampleLoss, compiled_loss, make_loss
 
-__all__ = ["MicroBatchTrainer"]
+__all__ = ["MicroBatchTrainer", "batch_length"]
 
 
 class MicroBatchTrainer:
@@ -33,7 +35,11 @@ class MicroBatchTrainer:
         loss = trainer.train_window([(x1, y1), (x2, y2), (x3, y3)])
 
     or call :meth:`accumulate` per micro-batch with its share of the window's samples
-    and :meth:`apply` once per window. ``x_spec``/``y_spec`` fix the traced signature
+    and :meth:`apply` once per window. ``loss`` is a per-sample loss ``(y, predictions) ->
+    (batch,)`` (or a workload's loss name), the model's ``losses`` added; or ``None``: the
+    model's compiled loss through ``model.compute_loss``, its regularisation losses
+    included, which must be a mean over the batch (Keras's ``"sum_over_batch_size"``).
+    ``x`` may be a dict or a tuple of tensors. ``x_spec``/``y_spec`` fix the traced signature
     (give the batch dimension as ``None``, see :func:`autobatch.backends.tensorflow.data.batch_spec`);
     without them the functions generalise their shapes after the first distinct one, so at
     most a second trace. :attr:`trace_counts` tells how often each function was traced.
@@ -45,7 +51,7 @@ class MicroBatchTrainer:
         self,
         model: keras.Model,
         optimizer: keras.optimizers.Optimizer,
-        loss: str | PerSampleLoss,
+        loss: str | PerSampleLoss | None,
         *,
         x_spec: Any = None,
         y_spec: Any = None,
@@ -54,7 +60,7 @@ class MicroBatchTrainer:
         self.model = model
         self.optimizer = optimizer
         self.measures_noise = measure_noise
-        self.loss_fn: PerSampleLoss = make_loss(loss) if isinstance(loss, str) else loss
+        self.loss_fn: PerSampleLoss | None = make_loss(loss) if isinstance(loss, str) else loss
         self.trace_counts = {"accumulate": 0, "apply": 0, "evaluate": 0}
         self._variables = list(model.trainable_variables)
         if not self._variables:
@@ -98,9 +104,9 @@ class MicroBatchTrainer:
     def train_window(self, micro_batches: Iterable[tuple[Any, Any]]) -> float:
         """One optimizer step over ``micro_batches`` [(x, y), ...]; returns the window's mean loss."""
         micro_batches = list(micro_batches)
-        total = sum(int(len(y)) for _, y in micro_batches)
+        total = sum(batch_length(x) for x, _ in micro_batches)
         for x, y in micro_batches:
-            self.accumulate(x, y, tf.constant(len(y) / total, tf.float32))
+            self.accumulate(x, y, tf.constant(batch_length(x) / total, tf.float32))
         return float(self.apply())
 
     def reset_window(self) -> None:
@@ -115,14 +121,28 @@ class MicroBatchTrainer:
             len(y), batch_size, limit, lambda start, stop: float(self._evaluate_batch(x[start:stop], y[start:stop]))
         )
 
+    def evaluate_data(self, data: SampleData, batch_size: int, limit: int | None = None) -> float:
+        """Mean per-sample loss over the first ``limit`` samples of ``data`` (all when ``None``), longest first
+        where sizes vary (:meth:`SampleData.evaluation_order`), each sample weighing the same."""
+        order = data.evaluation_order(limit)
+        return mean_loss_in_batches(
+            len(order),
+            batch_size,
+            None,
+            lambda start, stop: float(self._evaluate_batch(*data.batch(order[start:stop]))),
+        )
+
     def _accumulate(self, x, y, share):
         """Gradients of one micro-batch's mean loss × ``share``, added into the accumulators."""
         self.trace_counts["accumulate"] += 1  # runs only while tracing
         with tf.GradientTape() as tape:
             predictions = self.model(x, training=True)
-            loss = tf.reduce_mean(self.loss_fn(y, predictions)) * share
-            if self.model.losses:  # regularisers: the shares sum to 1, so once per window in all
-                loss += tf.add_n([tf.cast(extra, tf.float32) for extra in self.model.losses]) * share
+            if self.loss_fn is None:  # regularisation is in compute_loss: the shares sum to 1, so once per window
+                loss = compiled_loss(self.model, x, y, predictions, training=True) * share
+            else:
+                loss = tf.reduce_mean(self.loss_fn(y, predictions)) * share
+                if self.model.losses:  # regularisers: the shares sum to 1, so once per window in all
+                    loss += tf.add_n([tf.cast(extra, tf.float32) for extra in self.model.losses]) * share
             scaled = self.optimizer.scale_loss(loss)  # a LossScaleOptimizer scales; others pass it through
         gradients = tape.gradient(scaled, self._variables)
         for accumulator, gradient in zip(self._accumulators, gradients, strict=True):
@@ -167,7 +187,15 @@ class MicroBatchTrainer:
     def _loss_sum(self, x, y):
         self.trace_counts["evaluate"] += 1
         predictions = self.model(x, training=False)
+        if self.loss_fn is None:  # a mean over the batch: times its samples, each weighs the same
+            count = tf.cast(tf.shape(tf.nest.flatten(x)[0])[0], tf.float32)
+            return compiled_loss(self.model, x, y, predictions, training=False) * count
         return tf.reduce_sum(self.loss_fn(y, predictions))
+
+
+def batch_length(x: Any) -> int:
+    """The samples in a batch ``x`` (an array or tensor, or a dict or tuple of them)."""
+    return int(tf.nest.flatten(x)[0].shape[0])
 
 
 def _squared_norm(gradients) -> tf.Tensor:

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 
 from autobatch.backends.tensorflow._framework import keras, tf
-from autobatch.backends.tensorflow.accumulate import MicroBatchTrainer
+from autobatch.backends.tensorflow.accumulate import MicroBatchTrainer, batch_length
 from autobatch.backends.tensorflow.data import batch_spec
 from autobatch.backends.tensorflow.memory import is_oom_error, unrecoverable
-from autobatch.backends.tensorflow.training import PerSampleLoss, per_sample_loss
+from autobatch.backends.tensorflow.training import PerSampleLoss
 from autobatch.core.adaptive import AdaptiveStepper
 from autobatch.core.windows import SampleStream, plan_windows
 
@@ -55,7 +55,7 @@ class AdaptiveMicroBatchTrainer(AdaptiveStepper):
         self,
         model: keras.Model,
         optimizer: keras.optimizers.Optimizer,
-        loss: str | PerSampleLoss,
+        loss: str | PerSampleLoss | None,
         *,
         micro_batch_size: int | None = None,
         max_micro_batch: int | None = None,
@@ -86,15 +86,26 @@ class AdaptiveMicroBatchTrainer(AdaptiveStepper):
         return self.step(x, y, epoch=epoch)
 
     def step(self, x, y, *, epoch: int | None = None) -> float:
-        """One optimizer step over the window ``(x, y)``; returns the window's mean loss."""
-        window_size = int(len(y))
+        """One optimizer step over the window ``(x, y)``; returns the window's mean loss.
+
+        ``x`` and ``y`` may be dicts or tuples of arrays; each micro-batch is a slice of every one.
+        """
+
+        def rows(start: int, stop: int) -> tuple[Any, Any]:
+            return tf.nest.map_structure(lambda part: part[start:stop], (x, y))
+
+        return self.step_samples(batch_length(x), rows, epoch=epoch)
+
+    def step_samples(self, window_size: int, take, *, epoch: int | None = None) -> float:
+        """One optimizer step over a window of ``window_size`` samples, whose micro-batch ``[start, stop)``
+        ``take(start, stop)`` gives as ``(x, y)`` (padded to its own longest, for instance)."""
         state = list(self.model.non_trainable_variables)
         saved = [tf.identity(variable.value) for variable in state]
         trainer = self.trainer
 
         def accumulate(start: int, stop: int, share: float) -> None:
             try:
-                trainer.accumulate(x[start:stop], y[start:stop], tf.constant(share, tf.float32))
+                trainer.accumulate(*take(start, stop), tf.constant(share, tf.float32))
             except Exception as error:
                 if not is_oom_error(error):
                     raise
@@ -140,15 +151,16 @@ def fit_adaptive(
     """``model.fit`` for a compiled Keras model, with adaptive micro-batching inside each batch.
 
     ``batch_size`` is the effective batch (one optimizer step); it stays fixed while the
-    micro-batch adapts. Uses the model's compiled optimizer and loss. Returns a history
+    micro-batch adapts. Uses the model's compiled optimizer and loss (``model.compute_loss``,
+    so its regularisation losses count, as in ``fit``). Returns a history
     ``{"loss": [...], "val_loss": [...], "adaptations": [...]}``, one loss per epoch.
     """
-    if model.optimizer is None or getattr(model, "loss", None) is None:
+    if getattr(model, "optimizer", None) is None or getattr(model, "loss", None) is None:
         raise ValueError("fit_adaptive needs a compiled model: call model.compile(optimizer=..., loss=...) first")
     step = AdaptiveMicroBatchTrainer(
         model,
         model.optimizer,
-        per_sample_loss(model.loss),
+        None,  # the compiled loss
         micro_batch_size=micro_batch_size,
         x_spec=batch_spec(np.asarray(x)),
         y_spec=batch_spec(np.asarray(y)),

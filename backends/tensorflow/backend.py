@@ -11,21 +11,19 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
-
 from autobatch.backends._trial import Trial, TrialBackend
 from autobatch.backends.base import DeviceConfigurationError
 from autobatch.backends.tensorflow import memory
 from autobatch.backends.tensorflow._framework import keras, tf
 from autobatch.backends.tensorflow.accumulate import MicroBatchTrainer
-from autobatch.backends.tensorflow.data import ArrayData, batch_spec
+from autobatch.backends.tensorflow.data import common_spec
 from autobatch.backends.tensorflow.precision import MixedPrecision
 from autobatch.backends.tensorflow.session import TensorFlowTrainingSession
-from autobatch.backends.tensorflow.training import make_loss, make_optimizer
+from autobatch.backends.tensorflow.training import build_training
 from autobatch.core.config import TrialBudget, TrialConfig
 from autobatch.core.devices import DeviceMemoryMeter
 from autobatch.core.windows import Window
-from autobatch.tasks.workload import Workload
+from autobatch.tasks.loading import Task
 
 __all__ = ["TensorFlowBackend"]
 
@@ -118,29 +116,36 @@ class TensorFlowBackend(TrialBackend):
         with tf.device(memory.tf_device_name(device)):
             yield
 
-    def start_trial(self, workload: Workload, config: TrialConfig, budget: TrialBudget, device: str) -> TensorFlowTrial:
-        return TensorFlowTrial(workload, config, budget, device)
+    def start_trial(self, task: Task, config: TrialConfig, budget: TrialBudget, device: str) -> TensorFlowTrial:
+        return TensorFlowTrial(task, config, budget, device)
 
 
 class TensorFlowTrial(Trial):
-    """A trial's Keras model, optimizer, loss, precision and data, built once inside the trial's device scope."""
+    """A trial's Keras model, optimizer, loss, precision and data, built once inside the trial's device scope.
 
-    def __init__(self, workload: Workload, config: TrialConfig, budget: TrialBudget, device: str):
+    ``task`` is a :class:`~autobatch.tasks.workload.Workload` (a model builder, arrays, a loss and
+    an optimizer by name) or a :class:`~autobatch.tasks.keras_task.KerasTask` (a compiled model and
+    its data): see :func:`autobatch.backends.tensorflow.training.build_training`.
+    """
+
+    def __init__(self, task: Task, config: TrialConfig, budget: TrialBudget, device: str):
         super().__init__(config, budget)
         keras.utils.set_random_seed(budget.seed)
         precision = MixedPrecision(device, enabled=budget.mixed_precision)
-        with precision.policy_scope():
-            model = workload.build_model("tensorflow")
-        optimizer = precision.wrap(make_optimizer(workload.optimizer, config.learning_rate))
+        training = build_training(task, config.learning_rate, precision)
+        x_spec, y_spec = common_spec(training.train, training.val)
         self.trainer = MicroBatchTrainer(
-            model,
-            optimizer,
-            make_loss(workload.loss),
-            x_spec=batch_spec(workload.x_train),
-            y_spec=batch_spec(workload.y_train),
+            training.model,
+            training.optimizer,
+            training.loss,
+            x_spec=x_spec,
+            y_spec=y_spec,
             measure_noise=self.measures_noise,
         )
-        self.data = ArrayData(workload.x_train, workload.y_train)
+        self.data, self.val = training.train, training.val
+        self.n_train = self.data.n
+        self.sample_sizes = self.data.sizes
+        self.optimizer_name = training.optimizer_name
 
     def feed(self, chunks: Iterator[list[Window]]) -> Iterator[tuple[Window, Iterator]]:
         return self.data.windows(chunks)
@@ -158,8 +163,8 @@ class TensorFlowTrial(Trial):
             self.noise.add_window(self.config.micro_batch_size, window.size, *trainer.last_noise_norms())
         return loss
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int, limit: int | None) -> float:
-        return self.trainer.evaluate(x, y, batch_size, limit=limit)
+    def evaluate(self, batch_size: int, limit: int | None) -> float:
+        return self.trainer.evaluate_data(self.val, batch_size, limit)
 
     def extras(self) -> dict[str, Any]:
-        return {"traces": dict(self.trainer.trace_counts)}
+        return {**super().extras(), "traces": dict(self.trainer.trace_counts)}

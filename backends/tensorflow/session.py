@@ -1,4 +1,4 @@
-"""What ``autobatch train`` needs from TensorFlow: a Keras model of the workload trained window by window.
+"""What ``autobatch train`` needs from TensorFlow: a Keras model of the task trained window by window.
 
 The loop over epochs, the progress and the checkpoints' timing live in :mod:`autobatch.training`,
 framework-free; it reaches this session through ``TensorFlowBackend.training_session``.
@@ -14,23 +14,30 @@ import numpy as np
 from autobatch.backends.base import DeviceConfigurationError, TrainingSession
 from autobatch.backends.tensorflow import memory
 from autobatch.backends.tensorflow._framework import keras, tf
+from autobatch.backends.tensorflow.accumulate import MicroBatchTrainer
 from autobatch.backends.tensorflow.adaptive import AdaptiveMicroBatchTrainer
-from autobatch.backends.tensorflow.data import batch_spec
+from autobatch.backends.tensorflow.data import common_spec
 from autobatch.backends.tensorflow.precision import MixedPrecision
-from autobatch.backends.tensorflow.training import make_loss, make_optimizer
+from autobatch.backends.tensorflow.training import build_training
 from autobatch.core.adaptive import MicroBatchController
 from autobatch.core.config import TrialConfig
-from autobatch.tasks.workload import Workload
+from autobatch.tasks.loading import Task
 
 __all__ = ["TensorFlowTrainingSession"]
 
 
 class TensorFlowTrainingSession(TrainingSession):
-    """A Keras model of ``workload`` trained window by window, at the micro-batch ``controller`` keeps."""
+    """A Keras model of ``task`` (a Workload or a KerasTask) trained window by window, at the micro-batch
+    ``controller`` keeps.
+
+    Each micro-batch is gathered from the samples held in memory when the window step reaches
+    it, padded to its own longest: a window split after an OOM pads its smaller micro-batches
+    to their own longest too.
+    """
 
     def __init__(
         self,
-        workload: Workload,
+        task: Task,
         config: TrialConfig,
         *,
         device: str,
@@ -46,30 +53,36 @@ class TensorFlowTrainingSession(TrainingSession):
         keras.utils.set_random_seed(seed)
         precision = MixedPrecision(device, enabled=mixed_precision)
         with tf.device(self.device_name):
-            with precision.policy_scope():
-                self.model = workload.build_model("tensorflow")
-            self.optimizer = precision.wrap(make_optimizer(workload.optimizer, config.learning_rate))
+            training = build_training(task, config.learning_rate, precision)
+            self.model, self.optimizer = training.model, training.optimizer
+            x_spec, y_spec = common_spec(training.train, training.val)
+            trainer = MicroBatchTrainer(self.model, self.optimizer, training.loss, x_spec=x_spec, y_spec=y_spec)
             self.step = AdaptiveMicroBatchTrainer(
                 self.model,
                 self.optimizer,
-                make_loss(workload.loss),
-                x_spec=batch_spec(workload.x_train),
-                y_spec=batch_spec(workload.y_train),
+                training.loss,
                 controller=controller,
+                trainer=trainer,
                 recover_in_process=not self.crash_prone_oom,
             )
-        self.x = np.ascontiguousarray(workload.x_train)
-        self.y = np.ascontiguousarray(workload.y_train)
+        self.train, self.val = training.train, training.val
+        self.n_train = self.train.n
+        self.optimizer_name = training.optimizer_name
         self._device = device
 
     def run_window(self, indices: np.ndarray, epoch: int | None = None) -> float:
-        with tf.device(self.device_name):
-            return self.step(self.x[indices], self.y[indices], epoch=epoch)
+        indices = np.asarray(indices)
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int) -> float:
+        def micro_batch(start: int, stop: int) -> tuple[Any, Any]:
+            return self.train.batch(indices[start:stop])
+
+        with tf.device(self.device_name):
+            return self.step.step_samples(len(indices), micro_batch, epoch=epoch)
+
+    def evaluate(self, batch_size: int) -> float:
         with tf.device(self.device_name):
             try:
-                return self.step.trainer.evaluate(x, y, batch_size)
+                return self.step.trainer.evaluate_data(self.val, batch_size)
             except Exception as error:
                 if not memory.is_oom_error(error) or isinstance(error, tf.errors.ResourceExhaustedError):
                     raise

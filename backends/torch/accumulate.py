@@ -9,15 +9,17 @@ on the way, the gradient norms the noise-scale estimate needs.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from autobatch.backends._trial import mean_loss_in_batches
-from autobatch.backends.torch.data import MicroBatches
+from autobatch.backends.torch.data import MicroBatches, batch_samples, collate_for, fetch, to_device
 from autobatch.backends.torch.precision import MixedPrecision
+from autobatch.backends.torch.training import BatchLoss, checked_loss
 
 __all__ = ["GradientNoiseMeter", "evaluate", "train_window"]
 
@@ -25,45 +27,59 @@ __all__ = ["GradientNoiseMeter", "evaluate", "train_window"]
 def train_window(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    loss_fn,
-    micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    loss: BatchLoss,
+    micro_batches: Iterable[Any],
     *,
     precision: MixedPrecision | None = None,
     scheduler=None,
     noise_meter: GradientNoiseMeter | None = None,
+    min_micro_batch: int = 1,
 ) -> float:
     """One optimizer step over a window of micro-batches; returns the window's mean loss.
 
-    Each micro-batch's mean loss is scaled by its share of the window's samples
-    before ``backward``, so the accumulated gradient equals the full-window gradient.
-    A ``noise_meter`` records the micro-batch and window gradient norms on the way.
-    ``micro_batches`` is a sequence, or a trial's :class:`~autobatch.backends.torch.data.MicroBatches`,
-    which knows the sizes ahead and fetches each micro-batch only when it is reached: so
-    one micro-batch's data is held at a time, whatever the accumulation.
+    ``loss(model, batch)`` is a micro-batch's mean loss over its samples (for a
+    ``(predictions, target)`` loss on ``(x, y)`` batches: ``supervised_loss(loss_fn)``). It is
+    scaled by the micro-batch's share of the window's samples before ``backward``, so the
+    accumulated gradient equals the full-window gradient. A ``noise_meter`` records the
+    micro-batch and window gradient norms on the way. ``micro_batches`` is a sequence of
+    batches (each one's samples counted from its first tensor), or a trial's
+    :class:`~autobatch.backends.torch.data.MicroBatches`, which knows the sizes from the plan
+    and fetches each micro-batch only when it is reached: so one micro-batch's data is held
+    at a time, whatever the accumulation.
+
+    A micro-batch of fewer than ``min_micro_batch`` samples is left out and the others are
+    weighted over the samples kept (2 for a model with BatchNorm in training mode, which
+    cannot normalise a single sample: PyTorch raises "Expected more than 1 value per
+    channel"). Only a window's short last micro-batch can be that small; dropping its one
+    sample changes the window's gradient by one sample of many, where the alternative is a
+    crash. A window with nothing left takes no step and returns NaN.
     """
     precision = precision or MixedPrecision(torch.device("cpu"), enabled=False)
     if isinstance(micro_batches, MicroBatches):
-        sizes = micro_batches.sizes
+        sizes: Sequence[int] = micro_batches.sizes
     else:
         micro_batches = list(micro_batches)
-        sizes = [len(y) for _, y in micro_batches]
-    total = sum(sizes)
+        sizes = [batch_samples(batch) for batch in micro_batches]
+    total = sum(size for size in sizes if size >= min_micro_batch)
     window_loss = 0.0
     if noise_meter is not None:
         noise_meter.start_window()
-    for size, (x, y) in zip(sizes, micro_batches, strict=True):
-        if len(y) != size:
-            raise ValueError(f"a micro-batch of {len(y)} samples where the window plan has {size}")
+    for size, batch in zip(sizes, micro_batches, strict=True):
+        if size < min_micro_batch:
+            del batch  # fetched all the same: the next window's micro-batches follow it in the stream
+            continue
         share = size / total
         with precision.autocast():
-            loss = loss_fn(model(x), y) * share
-        precision.backward(loss)
-        window_loss += float(loss.detach())
-        del x, y, loss  # not held while the next micro-batch is fetched
+            weighted = checked_loss(loss(model, batch)) * share
+        precision.backward(weighted)
+        window_loss += float(weighted.detach())
+        del batch, weighted  # not held while the next micro-batch is fetched
         if noise_meter is not None:
             noise_meter.micro_batch_done(share)
     if noise_meter is not None:
         noise_meter.window_done(precision.loss_scale())
+    if total == 0:
+        return float("nan")
     precision.step(optimizer)
     if scheduler is not None:
         scheduler.step()
@@ -74,27 +90,35 @@ def train_window(
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    loss_fn,
-    x: np.ndarray,
-    y: np.ndarray,
+    loss: BatchLoss,
+    dataset: Any,
     batch_size: int,
     device: torch.device,
+    *,
+    collate_fn=None,
     precision: MixedPrecision | None = None,
     limit: int | None = None,
+    indices: Sequence[int] | None = None,
 ) -> float:
-    """Mean loss over the validation samples (each sample weighs the same)."""
+    """Mean loss over the validation samples (each sample weighs the same), in batches of ``batch_size``.
+
+    ``indices``: the samples to evaluate, in order (all of ``dataset`` when ``None``); ``limit``:
+    only the first that many of them. Each batch is collated by ``collate_fn`` as in training.
+    """
     precision = precision or MixedPrecision(device, enabled=False)
+    collate = collate_for(dataset, collate_fn)
+    order = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
     model.eval()
 
     def loss_sum(start: int, stop: int) -> float:
-        xb = torch.from_numpy(x[start:stop]).to(device)
-        yb = torch.from_numpy(y[start:stop]).to(device)
+        batch = to_device(fetch(dataset, order[start:stop], collate), device)
         with precision.autocast():
-            return float(loss_fn(model(xb), yb).double()) * (stop - start)
+            return float(checked_loss(loss(model, batch)).double()) * (stop - start)
 
-    mean = mean_loss_in_batches(len(y), batch_size, limit, loss_sum)
-    model.train()
-    return mean
+    try:
+        return mean_loss_in_batches(len(order), batch_size, limit, loss_sum)
+    finally:
+        model.train()
 
 
 class GradientNoiseMeter:

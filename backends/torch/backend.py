@@ -7,6 +7,7 @@ The trial itself runs through the framework-neutral template in :mod:`autobatch.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,15 +16,16 @@ import torch._dynamo  # noqa: F401 - torch.optim imports it on first use (~1 s);
 from autobatch.backends._trial import Trial, TrialBackend
 from autobatch.backends.torch import memory
 from autobatch.backends.torch.accumulate import GradientNoiseMeter, evaluate, train_window
-from autobatch.backends.torch.data import ArrayDataset, MicroBatches, device_batches
+from autobatch.backends.torch.data import MicroBatches, device_batches
 from autobatch.backends.torch.precision import MixedPrecision
 from autobatch.backends.torch.session import TorchTrainingSession
-from autobatch.backends.torch.training import make_loss, make_optimizer
+from autobatch.backends.torch.task import build, evaluation_order, training_sizes
+from autobatch.backends.torch.training import require_batch_norm_micro_batch
 from autobatch.core.config import TrialBudget, TrialConfig
 from autobatch.core.devices import DeviceMemoryMeter
 from autobatch.core.memory import allocator_cap_bytes
 from autobatch.core.windows import Window
-from autobatch.tasks.workload import Workload
+from autobatch.tasks.loading import Task
 
 __all__ = ["TorchBackend"]
 
@@ -84,8 +86,8 @@ class TorchBackend(TrialBackend):
         if _is_cuda(device):
             torch.cuda.reset_peak_memory_stats(device)
 
-    def start_trial(self, workload: Workload, config: TrialConfig, budget: TrialBudget, device: str) -> TorchTrial:
-        return TorchTrial(workload, config, budget, torch.device(device))
+    def start_trial(self, task: Task, config: TrialConfig, budget: TrialBudget, device: str) -> TorchTrial:
+        return TorchTrial(task, config, budget, torch.device(device))
 
     @staticmethod
     def _new_meter(device: str) -> DeviceMemoryMeter:
@@ -105,38 +107,71 @@ def _cuda_index(device: str) -> int:
 
 
 class TorchTrial(Trial):
-    """A trial's model, optimizer, loss, precision and data in PyTorch, built once."""
+    """A trial's model, optimizer, loss, precision and data in PyTorch, built once from a
+    :class:`~autobatch.TorchTask` (or a ``Workload``, turned into one)."""
 
-    def __init__(self, workload: Workload, config: TrialConfig, budget: TrialBudget, device: torch.device):
+    def __init__(self, task: Task, config: TrialConfig, budget: TrialBudget, device: torch.device):
         super().__init__(config, budget)
         self.device = device
         self.on_cuda = device.type == "cuda"
         torch.manual_seed(budget.seed)
-        self.model = workload.build_model("torch").to(device)
-        self.model.train()
-        self.optimizer = make_optimizer(workload.optimizer, self.model.parameters(), config.learning_rate)
-        self.loss_fn = make_loss(workload.loss)
+        parts = build(task, config.learning_rate, device)
+        if parts.has_batch_norm:
+            require_batch_norm_micro_batch(config.micro_batch_size)
+        self.parts = parts
+        self.task = parts.task
+        self.model = parts.model
+        self.optimizer = parts.optimizer
+        self.loss = parts.loss
         self.precision = MixedPrecision(device, enabled=budget.mixed_precision)
-        self.train_set = ArrayDataset(workload.x_train, workload.y_train)
+        self.n_train = len(parts.train_set)
+        self.sample_sizes = training_sizes(parts)
+        self.optimizer_name = parts.optimizer_name
         self.meter = GradientNoiseMeter(self.model.parameters()) if self.measures_noise else None
+        self._val_orders: dict[int, np.ndarray] = {}
 
     def wait_for_device(self) -> None:
         if self.on_cuda:
             torch.cuda.synchronize(self.device)
 
     def feed(self, chunks: Iterator[list[Window]]) -> Iterator[tuple[Window, MicroBatches]]:
-        return device_batches(self.train_set, chunks, self.budget, self.device)
+        return device_batches(self.parts.train_set, self.parts.train_collate, chunks, self.budget, self.device)
 
     def train_window(self, window: Window, micro_batches: MicroBatches, measure: bool) -> float:
         meter = self.meter if measure else None
         loss = train_window(
-            self.model, self.optimizer, self.loss_fn, micro_batches, precision=self.precision, noise_meter=meter
+            self.model,
+            self.optimizer,
+            self.loss,
+            micro_batches,
+            precision=self.precision,
+            noise_meter=meter,
+            min_micro_batch=self.parts.min_micro_batch,
         )
         self.wait_for_device()
         return loss
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int, limit: int | None) -> float:
-        return evaluate(self.model, self.loss_fn, x, y, batch_size, self.device, self.precision, limit)
+    def evaluate(self, batch_size: int, limit: int | None) -> float:
+        val_set = self.parts.val_set
+        count = len(val_set) if limit is None else min(limit, len(val_set))
+        if count not in self._val_orders:  # sizes are read once per trial, not at every evaluation
+            self._val_orders[count] = evaluation_order(val_set, count, self.task.sample_size)
+        return evaluate(
+            self.model,
+            self.loss,
+            val_set,
+            batch_size,
+            self.device,
+            collate_fn=self.parts.val_collate,
+            precision=self.precision,
+            indices=self._val_orders[count],
+        )
+
+    def extras(self) -> dict[str, Any]:
+        extras = super().extras()
+        if self.parts.has_batch_norm:  # the search leaves micro-batch 1 out of its space
+            extras["min_micro_batch"] = self.parts.min_micro_batch
+        return extras
 
     def finish(self) -> None:
         if self.meter is None:

@@ -1,10 +1,13 @@
-"""What ``autobatch train`` needs from PyTorch: a model of the workload trained window by window.
+"""What ``autobatch train`` needs from PyTorch: a model of the task trained window by window.
 
 The loop over epochs, the progress and the checkpoints' timing live in :mod:`autobatch.training`,
 framework-free; it reaches this session through ``TorchBackend.training_session``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,21 +16,23 @@ from autobatch.backends.base import TrainingSession
 from autobatch.backends.torch import memory
 from autobatch.backends.torch.accumulate import evaluate
 from autobatch.backends.torch.adaptive import AdaptiveMicroBatcher
+from autobatch.backends.torch.data import fetch, to_device
 from autobatch.backends.torch.precision import MixedPrecision
-from autobatch.backends.torch.training import make_loss, make_optimizer
+from autobatch.backends.torch.task import build, evaluation_order
 from autobatch.core.adaptive import MicroBatchController
 from autobatch.core.config import TrialConfig
-from autobatch.tasks.workload import Workload
+from autobatch.tasks.loading import Task
 
 __all__ = ["TorchTrainingSession"]
 
 
 class TorchTrainingSession(TrainingSession):
-    """A PyTorch model of ``workload`` trained window by window, at the micro-batch ``controller`` keeps."""
+    """A PyTorch model of ``task`` (a :class:`~autobatch.TorchTask` or a ``Workload``) trained window by
+    window, at the micro-batch ``controller`` keeps."""
 
     def __init__(
         self,
-        workload: Workload,
+        task: Task,
         config: TrialConfig,
         *,
         device: str,
@@ -41,38 +46,49 @@ class TorchTrainingSession(TrainingSession):
         self.crash_prone_oom = self.device.type == "cpu"
         self.on_cuda = self.device.type == "cuda"
         torch.manual_seed(seed)
-        self.model = workload.build_model("torch").to(self.device)
-        self.model.train()
-        self.optimizer = make_optimizer(workload.optimizer, self.model.parameters(), config.learning_rate)
-        self.loss_fn = make_loss(workload.loss)
+        self.parts = build(task, config.learning_rate, self.device)
+        self.task = self.parts.task
+        self.model = self.parts.model
+        self.optimizer = self.parts.optimizer
         self.precision = MixedPrecision(self.device, enabled=mixed_precision)
         self.batcher = AdaptiveMicroBatcher(
             self.model,
             self.optimizer,
-            self.loss_fn,
             precision=self.precision,
-            device=self.device if self.on_cuda else None,
             controller=controller,
+            batch_loss=self.parts.loss,
         )
-        self.x = torch.from_numpy(np.ascontiguousarray(workload.x_train))
-        self.y = torch.from_numpy(np.ascontiguousarray(workload.y_train))
+        self.n_train = len(self.parts.train_set)
+        self._val_order: np.ndarray | None = None  # read once: an evaluation redone at a smaller batch reuses it
 
     def run_window(self, indices: np.ndarray, epoch: int | None = None) -> float:
-        index = torch.as_tensor(indices, dtype=torch.long)
-        x, y = self.x[index], self.y[index]
-        if self.on_cuda:
-            x, y = x.pin_memory(), y.pin_memory()
-        loss = self.batcher.step(x, y, epoch=epoch)
+        loss = self.batcher.step_indices(indices, self._micro_batch, epoch=epoch)
         if self.on_cuda:
             torch.cuda.synchronize(self.device)
         return loss
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int) -> float:
+    def evaluate(self, batch_size: int) -> float:
+        val_set = self.parts.val_set
+        if self._val_order is None:
+            self._val_order = evaluation_order(val_set, len(val_set), self.task.sample_size)
         try:
-            return evaluate(self.model, self.loss_fn, x, y, batch_size, self.device, self.precision)
+            return evaluate(
+                self.model,
+                self.parts.loss,
+                val_set,
+                batch_size,
+                self.device,
+                collate_fn=self.parts.val_collate,
+                precision=self.precision,
+                indices=self._val_order,
+            )
         finally:
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
+
+    def _micro_batch(self, indices: Sequence[int]) -> Any:
+        """The samples at ``indices``, collated as one micro-batch, on the device."""
+        return to_device(fetch(self.parts.train_set, indices, self.parts.train_collate), self.device)
 
     def release(self) -> None:
         """Free what a failed evaluation held."""
