@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +61,10 @@ class Backend(abc.ABC):
         imported and the task loaded. False once loading touched a device runtime that a
         fork breaks (CUDA): each trial then gets a new process."""
         return False
+
+    def task_loading(self) -> contextlib.AbstractContextManager[Any]:
+        """What the task is loaded inside, in a worker that will fork trials after it (see :meth:`fork_safe`)."""
+        return contextlib.nullcontext()
 
     def configure_device(self, device: str, budget_bytes: int | None) -> None:
         """Settings that must precede the framework's first use of ``device``; the first call in a child.

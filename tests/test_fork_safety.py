@@ -37,3 +37,20 @@ def test_trial_processes_ask_nvml_whether_cuda_is_there_and_still_fork():
     assert [result.status for result in results] == ["ok", "ok"], [result.error for result in results]
     assert [result.extras["worker_mode"] for result in results] == ["fork", "fork"]
     assert [result.extras["nvml_based_cuda_check"] for result in results] == ["1", "1"]
+
+
+def test_a_task_whose_factory_ran_torch_ops_still_forks_and_no_trial_hangs():
+    # Loaded on several threads, the factory's matrix product would leave OpenMP's team behind the
+    # fork, and the first parallel op of every forked trial would wait for it forever.
+    with TrialWorker("tests.fork_tasks:computes_its_data_with_torch", "torch", memory_budget="2GiB") as worker:
+        results = [worker.run(TrialConfig(256), BUDGET, timeout=120) for _ in range(2)]
+    assert [result.status for result in results] == ["ok", "ok"], [result.error for result in results]
+    assert [result.extras["worker_mode"] for result in results] == ["fork", "fork"]
+
+
+def test_a_task_whose_factory_started_tensorflow_gets_a_fresh_process_per_trial():
+    pytest.importorskip("tensorflow")
+    with TrialWorker("tests.fork_tasks:builds_a_tf_data_pipeline", "tensorflow", memory_budget="3GiB") as worker:
+        results = [worker.run(TrialConfig(32), BUDGET, timeout=120) for _ in range(2)]
+    assert [result.status for result in results] == ["ok", "ok"], [result.error for result in results]
+    assert [result.extras["worker_mode"] for result in results] == ["fresh", "fresh"]

@@ -40,8 +40,13 @@ FLAGS = {
 
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     """TASK and what one run of it needs: ``trial``, ``tune``, ``worker`` and ``train`` take these."""
+    from autobatch.studies import STUDIES
+
     parser.add_argument(
-        "task", metavar="TASK", help="a study name (digits-mlp, digits-cnn, synthetic-images) or package.module:factory"
+        "task",
+        metavar="TASK",
+        help=f"a study name ({', '.join(STUDIES)}) or package.module:factory, a module in the working directory "
+        "or on sys.path",
     )
     parser.add_argument(
         "--backend",

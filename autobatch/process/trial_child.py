@@ -164,7 +164,8 @@ class _Worker:
                 self.device_error = error
                 return
             started = time.perf_counter()
-            self.workload = load_task(self.setup["task"])
+            with self.backend.task_loading():  # as trials will fork after it (Backend.fork_safe)
+                self.workload = load_task(self.setup["task"])
             self.load_timings["task_load"] = time.perf_counter() - started
         except BaseException as error:  # noqa: BLE001 - reported as the trial's result
             self.load_error = error

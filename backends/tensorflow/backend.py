@@ -43,8 +43,11 @@ class TensorFlowBackend(TrialBackend):
     def fork_safe(self, device: str) -> bool:
         # On the CPU a process forked after the import (no op run yet) trains and
         # repeats exactly (checked with tensorflow-cpu 2.21); TensorFlow's GPU runtime
-        # is not known to survive a fork, so GPU trials get a new process each.
-        return not memory.is_gpu(device)
+        # is not known to survive a fork, so GPU trials get a new process each. A task
+        # whose loading ran an op (a tf.data pipeline, a tensor) started the eager context
+        # and its thread pools, which a forked process does not inherit: its first op
+        # would wait for them forever (measured), so each trial gets a new process too.
+        return not memory.is_gpu(device) and not _eager_context_started()
 
     def configure_device(self, device: str, budget_bytes: int | None) -> None:
         """A logical device whose ``memory_limit`` is the budget, or without one, memory growth.
@@ -168,3 +171,12 @@ class TensorFlowTrial(Trial):
 
     def extras(self) -> dict[str, Any]:
         return {**super().extras(), "traces": dict(self.trainer.trace_counts)}
+
+
+def _eager_context_started() -> bool:
+    """Whether this process has started TensorFlow's eager context (and so its thread pools)."""
+    try:
+        from tensorflow.python.eager import context
+    except ImportError:  # a TensorFlow without this module: assume the worst
+        return True
+    return getattr(context.context(), "_context_handle", True) is not None

@@ -6,6 +6,7 @@ The trial itself runs through the framework-neutral template in :mod:`autobatch.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -47,6 +48,23 @@ class TorchBackend(TrialBackend):
         # re-initialize CUDA in forked subprocess"). (Trial children run with
         # PYTORCH_NVML_BASED_CUDA_CHECK=1, so torch.cuda.is_available() alone does not.)
         return not torch.cuda.is_initialized()
+
+    @contextlib.contextmanager
+    def task_loading(self) -> Iterator[None]:
+        """Load the task on one intra-op thread, so that no OpenMP thread team exists when trials fork.
+
+        A task's factory often runs tensor ops (making or labelling its data); run on several
+        threads, they start OpenMP's team, whose threads a forked process does not inherit: its
+        first parallel op then waits for them forever (measured: a 5000×784 ``argmax`` in the
+        factory, and every forked trial hung in its first ``Linear``). One thread starts no team;
+        the count is put back before the fork, and each trial starts its own.
+        """
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
     def configure_device(self, device: str, budget_bytes: int | None) -> None:
         if _is_cuda(device):
