@@ -1,6 +1,7 @@
 """The memory wall: autobatch's probe against ground truth, Lightning and Accelerate, under one real cap.
 
     .venv/bin/python benchmarks/probe.py [--quick] [--budget SIZE] [--task synthetic-images]
+    .venv/bin/python benchmarks/probe.py --task tiny-gpt2 --budget 2GiB
 
 The budget is 1GiB, or 768MiB with ``--quick`` (a lower wall: every try is cheaper).
 
@@ -19,17 +20,27 @@ Every method looks for the largest micro-batch of ``--task`` (PyTorch, CPU) that
 - Lightning ``Tuner.scale_batch_size`` (power, binsearch; defaults: 3 steps per try, binsearch
   applies its own 5% margin) and Accelerate ``find_executable_batch_size`` (starting at the
   training-set size, 3 steps per try), each in a child process capped at the full budget:
-  that child is "the user's process", and every OOM it catches is counted.
+  that child is "the user's process", and every OOM it catches is counted. They train the
+  task's own code: for an ``autobatch.TorchTask`` its model factory, ``Dataset``,
+  ``collate_fn``, loss and optimizer factory (:class:`_Peer`); for a ``Workload`` its arrays
+  with cross-entropy and Adam.
 
 Each answer is then checked with a full trial in a fresh process under the full budget, and
 autobatch's also with the search's largest accumulation (``SearchSpace().max_accumulation``
 steps, whole windows): the search runs every config up to the wall at every accumulation, so
-the wall must hold there too. Writes ``results/probe.md`` and ``results/probe.png``.
+the wall must hold there too. Where a sample's size varies (sequences padded to the longest
+in their batch), autobatch's trials train the longest samples first, so that check is the
+worst batch of an epoch at each answer, and every answer is checked, the peers' too: they
+found theirs on random batches, whose longest samples the table lists.
+
+Writes ``results/probe.md`` and ``results/probe.png`` for ``synthetic-images``, and
+``results/probe-<task>.md``/``.png`` for any other task.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -65,12 +76,13 @@ def main(argv=None) -> int:
     run = Run(args, "lightning", "accelerate")
     args.budget = args.budget or ("768MiB" if args.quick else "1GiB")
 
-    from autobatch import MemoryBudget, load_workload
+    from autobatch import MemoryBudget, load_task
 
     budget_bytes = MemoryBudget.parse(args.budget).resolve("cpu")
     reduced_bytes = int(budget_bytes * (1 - SAFETY_MARGIN))
-    workload = load_workload(args.task)
-    ceiling = len(workload.x_train)
+    task = load_task(args.task)
+    ceiling = task.n_train
+    sizes = train_sample_sizes(task)
 
     print(f"autobatch probe on {args.task}, budget {args.budget} ...", flush=True)
     ours = autobatch_probe(args.task, args.budget)
@@ -96,11 +108,20 @@ def main(argv=None) -> int:
         # The full budget leaves 5% more bytes, at the fitted bytes per sample: where to start looking.
         seed = truths[label]["wall"] + int(SAFETY_MARGIN * budget_bytes / max(ours["bytes_per_sample"], 1.0))
 
-    print("checking answers above 97% of the true wall with a full trial under the full budget ...", flush=True)
+    # With sizes that vary, every answer is checked: the trial trains the longest samples first, so
+    # this is the worst batch of an epoch at the size found, which a search on random batches may
+    # not have met. Otherwise only answers near the wall need checking.
+    print(
+        "checking "
+        + ("every answer on the longest samples" if sizes is not None else "answers above 97% of the true wall")
+        + " with a full trial under the full budget ...",
+        flush=True,
+    )
     checked = {}
     for name, found in [("autobatch", ours["found"])] + [(n, t.get("found")) for n, t in tools.items()]:
-        if found and found > 0.97 * truths["full"]["wall"]:
+        if found and (sizes is not None or found > 0.97 * truths["full"]["wall"]):
             checked[name] = fits(args.task, found, budget_bytes)[0]
+            print(f"  {name} at {found}: {'fits' if checked[name] else 'does not fit'}", flush=True)
         elif found:
             checked[name] = "below"
     steps = max_accumulation()
@@ -108,10 +129,29 @@ def main(argv=None) -> int:
     accumulated = fits(args.task, ours["found"], budget_bytes, accumulation=steps)[1]
     print(f"  {ours['found']} x {steps}: {accumulated}", flush=True)
 
-    text = render(run, ours, tools, truths, checked, accumulated, budget_bytes, reduced_bytes, ceiling)
-    plot(args, ours, tools, truths)
-    write_markdown(args.results, "probe", text)
+    text = render(run, ours, tools, truths, checked, accumulated, budget_bytes, reduced_bytes, ceiling, task, sizes)
+    name = result_name(args.task)
+    plot(args, ours, tools, truths, name)
+    write_markdown(args.results, name, text)
     return 0
+
+
+def result_name(task: str) -> str:
+    """``probe`` for the default task (its published results keep their name), else ``probe-<task>``."""
+    if task == "synthetic-images":
+        return "probe"
+    return "probe-" + re.sub(r"[^A-Za-z0-9]+", "-", task).strip("-").lower()
+
+
+def train_sample_sizes(task):
+    """Each training sample's size where memory depends on it (as autobatch's trials read it), else None."""
+    from autobatch import TorchTask
+    from autobatch.tasks.samples import is_array_pair, sample_sizes
+
+    if not isinstance(task, TorchTask) or is_array_pair(task.train_data):
+        return None
+    data = task.train_data
+    return sample_sizes(len(data), data.__getitem__, task.sample_size)
 
 
 def _options(parser) -> None:
@@ -180,10 +220,10 @@ def fits(task: str, micro_batch: int, cap_bytes: int, accumulation: int = 1) -> 
     import dataclasses
 
     import autobatch
-    from autobatch import TrialConfig, load_workload
+    from autobatch import TrialConfig, load_task
 
-    workload = load_workload(task)
-    config = TrialConfig(micro_batch, accumulation, workload.base_learning_rate)
+    loaded = load_task(task)
+    config = TrialConfig(micro_batch, accumulation, loaded.base_learning_rate)
     budget = probe_budget()
     if accumulation > 1:
         budget = dataclasses.replace(budget, train_samples=max(budget.train_samples, config.effective_batch_size))
@@ -299,7 +339,7 @@ def run_capped_tool(tool: str, task: str, cap_bytes: int, ceiling: int, timeout:
 def child_main(spec_path: Path) -> int:
     """Inside the capped child: import the tool, run it, write a report (also when it fails)."""
     spec = json.loads(spec_path.read_text())
-    report: dict = {"tool": spec["tool"], "ooms": 0, "tried": []}
+    report: dict = {"tool": spec["tool"], "ooms": 0, "tried": [], "steps": []}
     try:
         started = time.perf_counter()
         if spec["tool"].startswith("lightning"):
@@ -342,20 +382,92 @@ def _data_segment_bytes() -> int | None:
     return None
 
 
-def _training_data(task: str):
+class _Peer:
+    """What Lightning and Accelerate train: the task's own model, data, collate function, loss and optimizer.
+
+    A :class:`~autobatch.TorchTask` gives the peers exactly what autobatch's trials get: its model
+    factory, its ``Dataset`` read through ``DataLoader(collate_fn=task.collate_fn)``, its loss
+    (``task.loss``, else the model's own ``outputs.loss`` for a dict batch, else cross-entropy) and
+    its optimizer factory at the base learning rate. A ``Workload`` keeps what this benchmark
+    always gave the peers: its arrays, cross-entropy and Adam. Where a sample's size can be told
+    (``task.sample_size``, or a dict of sequences), each batch carries its longest sample's size,
+    so the report says which batches each peer tried.
+    """
+
+    def __init__(self, task: str) -> None:
+        import torch
+        from torch.utils.data import default_collate
+
+        from autobatch import TorchTask, load_task
+        from autobatch.backends.torch import ArrayDataset
+        from autobatch.tasks.samples import detect_sample_size, is_array_pair
+
+        self.task = load_task(task)
+        self.size_of = None
+        if isinstance(self.task, TorchTask):
+            data = self.task.train_data
+            if is_array_pair(data):
+                self.dataset, self.collate = ArrayDataset(*data), _as_is
+            else:
+                self.dataset, self.collate = data, self.task.collate_fn or default_collate
+                self.size_of = self.task.sample_size or detect_sample_size(data[0])
+            self.user_loss = self.task.loss or _default_loss
+            self.make_optimizer = self.task.optimizer or _adam(torch)
+            self.build_model = self.task.model
+        else:  # a Workload: arrays, cross-entropy and Adam, as before TorchTasks
+            self.dataset = ArrayDataset(self.task.x_train, self.task.y_train)
+            self.collate = _as_is
+            self.user_loss = _cross_entropy
+            self.make_optimizer = _adam(torch)
+            self.build_model = lambda: self.task.build_model("torch")
+
+    def model(self):
+        return self.build_model()
+
+    def optimizer(self, parameters):
+        return self.make_optimizer(parameters, self.task.base_learning_rate)
+
+    def loader(self, batch_size: int):
+        from torch.utils.data import DataLoader
+
+        collate = self.collate if self.size_of is None else self._sized
+        return DataLoader(self.dataset, batch_size=batch_size, shuffle=True, collate_fn=collate)
+
+    def _sized(self, samples: list):
+        """The collated batch with its longest sample's size, which the training step records."""
+        return max(self.size_of(sample) for sample in samples), self.collate(samples)
+
+    def unpack(self, item) -> tuple[int | None, object]:
+        """(the batch's longest sample, or None where sizes are not known; the batch as the collate made it)."""
+        return item if self.size_of is not None else (None, item)
+
+    def loss(self, model, batch):
+        return self.user_loss(model, batch)
+
+
+def _adam(torch):
+    return lambda parameters, lr: torch.optim.Adam(parameters, lr=lr)
+
+
+def _cross_entropy(model, batch):
     import torch
-    from torch.utils.data import DataLoader
 
-    from autobatch import load_workload
-    from autobatch.backends.torch import ArrayDataset
+    x, y = batch
+    return torch.nn.functional.cross_entropy(model(x), y)
 
-    workload = load_workload(task)
-    dataset = ArrayDataset(workload.x_train, workload.y_train)
 
-    def loader(batch_size: int) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=_as_is)
+def _default_loss(model, batch):
+    """A TorchTask's loss when it names none: ``model(**batch).loss`` for a dict batch, else cross-entropy."""
+    import torch
 
-    return workload, loader, torch
+    if isinstance(batch, dict):
+        loss = getattr(model(**batch), "loss", None)
+        if loss is None:
+            raise TypeError("the task names no loss and the model's output for a dict batch has no .loss")
+        return loss
+    x, y = batch
+    output = model(**x) if isinstance(x, dict) else model(*x) if isinstance(x, (tuple, list)) else model(x)
+    return torch.nn.functional.cross_entropy(output, y)
 
 
 def _as_is(batch):
@@ -367,9 +479,10 @@ def _lightning_search(spec: dict, report: dict):
     import lightning.pytorch.tuner.batch_size_scaling as scaling
     from lightning.pytorch.tuner import Tuner
 
-    workload, loader, torch = _training_data(spec["task"])
+    peer = _Peer(spec["task"])
     recognised = scaling.is_oom_error
     tried: list[int] = report["tried"]
+    steps: list[list] = report["steps"]
 
     def counting(exception: BaseException) -> bool:
         oom = recognised(exception)
@@ -382,19 +495,20 @@ def _lightning_search(spec: dict, report: dict):
         def __init__(self) -> None:
             super().__init__()
             self.batch_size = 2
-            self.model = workload.build_model("torch")
+            self.model = peer.model()
 
-        def training_step(self, batch, index):
+        def training_step(self, item, index):
+            longest, batch = peer.unpack(item)
             if index == 0:
                 tried.append(self.batch_size)
-            x, y = batch
-            return torch.nn.functional.cross_entropy(self.model(x), y)
+            steps.append([self.batch_size, longest])  # before the step: an OOM in it is this batch's
+            return peer.loss(self.model, batch)
 
         def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=workload.base_learning_rate)
+            return peer.optimizer(self.parameters())
 
         def train_dataloader(self):
-            return loader(self.batch_size)
+            return peer.loader(self.batch_size)
 
     def run() -> int:
         trainer = pl.Trainer(
@@ -418,20 +532,24 @@ def _accelerate_search(spec: dict, report: dict):
     from accelerate.utils import find_executable_batch_size
     from accelerate.utils.memory import should_reduce_batch_size
 
-    workload, loader, torch = _training_data(spec["task"])
+    peer = _Peer(spec["task"])
     tried: list[int] = report["tried"]
+    steps_seen: list[list] = report["steps"]
 
     @find_executable_batch_size(starting_batch_size=spec["ceiling"])
     def train(batch_size: int) -> int:
         tried.append(batch_size)
         try:
-            model = workload.build_model("torch")
-            optimizer = torch.optim.Adam(model.parameters(), lr=workload.base_learning_rate)
+            model = peer.model()
+            model.train()
+            optimizer = peer.optimizer(model.parameters())
             steps = 0
             while steps < STEPS_PER_TRY:  # a batch as large as the data set gives one step per epoch
-                for x, y in loader(batch_size):
+                for item in peer.loader(batch_size):
+                    longest, batch = peer.unpack(item)
+                    steps_seen.append([batch_size, longest])
                     optimizer.zero_grad(set_to_none=True)
-                    torch.nn.functional.cross_entropy(model(x), y).backward()
+                    peer.loss(model, batch).backward()
                     optimizer.step()
                     steps += 1
                     if steps == STEPS_PER_TRY:
@@ -450,8 +568,12 @@ def _accelerate_search(spec: dict, report: dict):
 # --- the table --------------------------------------------------------------------------------
 
 
-def render(run: Run, ours, tools, truths, checked, accumulated, budget_bytes, reduced_bytes, ceiling) -> str:
+def render(
+    run: Run, ours, tools, truths, checked, accumulated, budget_bytes, reduced_bytes, ceiling, task, sizes
+) -> str:
     args = run.args
+    varies = sizes is not None
+    longest = int(sizes.max()) if varies else None
     steps = max_accumulation()
     full, reduced = truths["full"]["wall"], truths["reduced"]["wall"]
     gib = 2**30
@@ -522,24 +644,31 @@ def render(run: Run, ours, tools, truths, checked, accumulated, budget_bytes, re
                 "–",  # these tools do not accumulate
             ]
         )
-    table = markdown_table(
-        [
-            "method",
-            "cap (RLIMIT_DATA)",
-            "micro-batch found",
-            "true wall, same cap",
-            "found / true (95% cap)",
-            "found / true (full budget)",
-            "seconds",
-            "work",
-            "OOMs in user's process",
-            "OOMs in workers",
-            "full trial fits the budget",
-            f"the search's largest accumulation (×{steps}) at the wall fits",
-        ],
-        rows,
-        align="lrrrrrrrrrll",
-    )
+    headers = [
+        "method",
+        "cap (RLIMIT_DATA)",
+        "micro-batch found",
+        "true wall, same cap",
+        "found / true (95% cap)",
+        "found / true (full budget)",
+        "seconds",
+        "work",
+        "OOMs in user's process",
+        "OOMs in workers",
+        "full trial fits the budget" + (" (longest samples first)" if varies else ""),
+        f"the search's largest accumulation (×{steps}) at the wall fits",
+    ]
+    align = "lrrrrrrrrrll"
+    if varies:
+        # Which batches the size found was measured on: autobatch's trials train the longest samples
+        # first; the peers trained random batches, each padded to its own longest sample.
+        worst = f"{longest} (longest first)"
+        seen = [worst, worst, worst] + [_longest_seen(report) for report in tools.values()]
+        for row, cell in zip(rows, seen, strict=True):
+            row.insert(2, cell)
+        headers.insert(2, f"longest sample in the batches at that size (data: {int(sizes.min())}–{longest})")
+        align = "ll" + "l" + align[2:]
+    table = markdown_table(headers, rows, align=align)
     binsearch = tools.get("lightning-binsearch", {})
     ratio = ours["found"] / reduced if reduced else float("nan")
     speed = ours["seconds"] / binsearch["seconds"] if binsearch.get("seconds") else float("nan")
@@ -559,6 +688,17 @@ def render(run: Run, ours, tools, truths, checked, accumulated, budget_bytes, re
         f"- the wall holds at the search's largest accumulation: micro-batch {ours['found']} × {steps} steps under "
         f"the full budget: {accumulated} — **{'met' if accumulated == 'ok' else 'not met'}**",
     ]
+    if varies:
+        holds = [("autobatch", ours["found"])] + [(labels[n].split(" (")[0], r.get("found")) for n, r in tools.items()]
+        targets.append(
+            "- the size found holds on the longest batch (a full trial at that micro-batch under the full budget, "
+            "training the longest samples first): "
+            + ", ".join(
+                f"{label} {found}: {_yes(checked.get(key))}"
+                for (label, found), key in zip(holds, ["autobatch", *tools], strict=True)
+                if found
+            )
+        )
     tool_times = "; ".join(
         f"{name}: search {r.get('seconds', r.get('seconds_to_failure', float('nan'))):.1f} s, child process "
         f"{r['process_seconds']:.1f} s (imports {r.get('import_seconds', float('nan')):.1f} s), data segment "
@@ -610,15 +750,16 @@ def render(run: Run, ours, tools, truths, checked, accumulated, budget_bytes, re
                 else " (bisection of [1, training-set size])."
             ),
             *_repeat_notes(truths),
+            *(_peer_notes(task, tools, sizes) if varies or _is_torch_task(task) else []),
             "",
-            "![probe](probe.png)",
+            f"![probe]({result_name(args.task)}.png)",
             "",
             run.footer(),
         ]
     )
 
 
-def plot(args, ours, tools, truths) -> None:
+def plot(args, ours, tools, truths, name: str) -> None:
     """How close each method got to the true wall (full budget), and what it cost."""
     figure, (left, right) = new_figure(2, width=11, height=3.8)
     short = {
@@ -654,7 +795,75 @@ def plot(args, ours, tools, truths) -> None:
     right.set_xlim(0, max(seconds) * 1.9)
     right.set_xlabel("seconds of search")
     right.set_title("cost", fontsize=10)
-    save_plot(figure, args.results, "probe")
+    save_plot(figure, args.results, name)
+
+
+def _is_torch_task(task) -> bool:
+    from autobatch import TorchTask
+
+    return isinstance(task, TorchTask)
+
+
+def _longest_seen(report: dict) -> str:
+    """The longest sample of each batch a peer trained at the size it found (random batches)."""
+    found = report.get("found")
+    steps = [(size, longest) for size, longest in report.get("steps", []) if longest is not None]
+    seen = [longest for size, longest in steps if size == found]
+    if seen:
+        return f"{max(seen)} (random batches: {', '.join(map(str, seen))})"
+    # Lightning's binsearch returns its last success less its 5% margin, a size it never trained.
+    above = sorted({size for size, _ in steps if found and size > found})
+    if not found or not above:
+        return "–"
+    near = [longest for size, longest in steps if size == above[0]]
+    return f"not trained at {found}; at {above[0]}: {', '.join(map(str, near))} (random batches)"
+
+
+def _peer_notes(task, tools: dict, sizes) -> list[str]:
+    """What the peers were given, and (sizes varying) which batches they trained at each size tried."""
+    notes = []
+    if _is_torch_task(task):
+        collate = _callable_name(task.collate_fn) if task.collate_fn else "default_collate"
+        loss = f"`{_callable_name(task.loss)}`" if task.loss else "the model's own `outputs.loss` for a dict batch"
+        optimizer = _callable_name(task.optimizer) if task.optimizer else "Adam"
+        notes.append(
+            f"- Same training code for every method: Lightning and Accelerate train the task's own model factory "
+            f"(`{_callable_name(task.model)}`), its `Dataset` through `DataLoader(collate_fn={collate})`, shuffled, "
+            f"its loss ({loss}) and its optimizer factory (`{optimizer}`) at the "
+            f"base learning rate {task.base_learning_rate:g}: the LightningModule's `training_step` returns that "
+            "loss and `configure_optimizers` calls that factory; Accelerate's `find_executable_batch_size` wraps a "
+            "plain loop of the same."
+        )
+    if sizes is not None:
+        import numpy as np
+
+        longest = int(sizes.max())
+        at_most = int(np.sum(sizes >= longest - 1))
+        notes.append(
+            f"- Sample sizes: {int(sizes.min())}–{longest} (median {int(np.median(sizes))}); {at_most} of "
+            f"{len(sizes)} training samples are within 1 of the longest. autobatch's trials (probe, ground truth, "
+            "checks) train the longest samples first, so every size it reports was measured on the worst batch of "
+            "an epoch; the peers train random batches, each padded to its own longest sample. The batches each "
+            "peer trained (batch size: the longest sample of each step, in order; the last step of a try that ran "
+            "out of memory is the batch it failed on): "
+            + "; ".join(f"{name}: {_tries(report)}" for name, report in tools.items())
+            + "."
+        )
+    return notes
+
+
+def _tries(report: dict) -> str:
+    groups: list[tuple[int, list]] = []
+    for size, longest in report.get("steps", []):
+        if groups and groups[-1][0] == size:
+            groups[-1][1].append(longest)
+        else:
+            groups.append((size, [longest]))
+    return ", ".join(f"{size}: {'/'.join(str(v) for v in values)}" for size, values in groups) or "none"
+
+
+def _callable_name(function) -> str:
+    return getattr(function, "__qualname__", None) or type(function).__name__
 
 
 def _repeat_notes(truths: dict) -> list[str]:

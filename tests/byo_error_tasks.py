@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from autobatch import TorchTask
-
 from tests.torch_task_tasks import Points, classifier
 
 
