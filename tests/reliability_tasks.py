@@ -38,6 +38,17 @@ class SlowSyntheticBackend(SyntheticBackend):
         return super().run_trial(workload, config, budget, device, progress)
 
 
+class HangingSyntheticBackend(SyntheticBackend):
+    """Search trials that never end, as a deadlock in a user's code would: only a kill stops them."""
+
+    name = "synthetic-hanging"
+
+    def run_trial(self, workload, config, budget, device, progress):
+        if config.learning_rate != BEST_LR_AT_32:  # a search trial, not a probe
+            time.sleep(3600)
+        return super().run_trial(workload, config, budget, device, progress)
+
+
 def _linear_model():
     import torch
 

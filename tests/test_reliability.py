@@ -7,6 +7,7 @@ not a framework. PostgreSQL variants are also marked ``distributed``.
 import os
 import signal
 import socket
+import time
 
 import optuna
 import psutil
@@ -343,3 +344,35 @@ def test_a_process_killed_with_sigkill_leaves_nothing_in_the_temp_folder(command
     assert not alive, [p.cmdline() for p in alive]
     # The lock folder is shared by every run of this user, by design, and stays after a clean exit too.
     assert [p.name for p in temp.iterdir() if not p.name.startswith("autobatch-locks-")] == []
+
+
+def test_a_trial_that_never_ends_dies_with_the_killed_tune_that_started_it(tmp_path):
+    # Nothing is left to enforce a trial's time limit once its tune is killed: the worker, blocked
+    # waiting for the hung trial, would never read the end of its request pipe. Both die with
+    # their parent (PR_SET_PDEATHSIG) instead of holding their memory forever.
+    import subprocess
+    import sys
+
+    from tests.reliability_tasks import ROOT, wait_until
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    hanging = ["tests.synthetic_backend:workload", "--backend", "tests.reliability_tasks:HangingSyntheticBackend"]
+    args = [*hanging, "--trials", "4", "--storage", url, "--study-name", "hung", *FAST_HEARTBEAT]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "autobatch", "tune", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+        env=env,
+    )
+    try:
+        wait_until(lambda: running_trial_of(url, "hung", process.pid), 120, "a trial running")
+        time.sleep(1.0)  # the trial process is forked and asleep in the backend
+        children = psutil.Process(process.pid).children(recursive=True)
+        assert children  # the worker, running the trial (a fresh process: this backend does not fork)
+    finally:
+        process.kill()
+        process.wait()
+    gone, alive = psutil.wait_procs(children, timeout=20)
+    assert not alive, [p.cmdline() for p in alive]

@@ -58,6 +58,7 @@ def enter_child(setup: dict[str, Any]) -> None:
     (PyTorch: ``DefaultCPUAllocator: can't allocate memory``, TensorFlow:
     ``ResourceExhaustedError``). On an accelerator the backend caps its allocator later.
     """
+    die_with_parent()
     budget_bytes = setup.get("memory_budget_bytes")
     if budget_bytes and setup["device"] == "cpu":
         import resource
@@ -67,6 +68,32 @@ def enter_child(setup: dict[str, Any]) -> None:
     for entry in reversed(setup.get("sys_path", [])):
         if entry not in sys.path:
             sys.path.insert(0, entry)
+
+
+#: prctl(2)'s option that sends this process a signal when its parent thread ends
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Be killed (SIGKILL) when the parent ends, however it ends; Linux only, elsewhere nothing.
+
+    A parent killed by a signal runs no clean-up: a child it left behind would otherwise live
+    on, and a trial that never ends (a hang in the user's code) would hold its memory forever,
+    with nobody left to enforce its time limit. A forked trial process calls this too, tying
+    it to its worker.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent was gone before the request took hold
+        os._exit(1)
 
 
 #: blocks of this size and up get pages of their own from glibc, returned to the system when freed

@@ -34,7 +34,7 @@ import time
 import traceback
 from typing import TYPE_CHECKING
 
-from autobatch.process.child import CpuPeakMeter, enter_child, memory_status
+from autobatch.process.child import CpuPeakMeter, die_with_parent, enter_child, memory_status
 
 if TYPE_CHECKING:
     from autobatch.backends.base import Backend
@@ -87,6 +87,7 @@ def _serve(setup: dict, requests, results, started_at: float) -> int:
             return 0  # one trial per process
         pid = os.fork()
         if pid == 0:  # the trial process
+            die_with_parent()
             code = 1
             try:
                 _send(results, worker.run(request), {**start_cost, "worker_mode": "fork"})
