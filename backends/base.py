@@ -62,6 +62,16 @@ class Backend(abc.ABC):
         fork breaks (CUDA): each trial then gets a new process."""
         return False
 
+    def loads_task_in_trial(self, device: str) -> bool:
+        """Whether each forked trial loads the task itself, rather than the worker once before forking.
+
+        For a framework whose runtime a fork does not survive once an op has run (a task's factory
+        often runs some: TensorFlow's tf.data pipelines): the worker imports the framework, runs
+        nothing, and forks; each trial loads the task after the fork. Costs a task load per trial,
+        saves a process (and a framework import) per trial.
+        """
+        return False
+
     def task_loading(self) -> contextlib.AbstractContextManager[Any]:
         """What the task is loaded inside, in a worker that will fork trials after it (see :meth:`fork_safe`)."""
         return contextlib.nullcontext()

@@ -20,16 +20,16 @@ SHORT = TrialBudget(train_samples=64, val_samples=64, warmup_steps=1, min_timed_
 SPACE = SearchSpace(max_accumulation=2)
 
 
-def _tune(study: str, backend: str, budget: str, tmp_path):
+def _tune(study: str, backend: str, budget: str, tmp_path, space: SearchSpace = SPACE):
     return tune(
         study,
         backend=backend,
         memory_budget=budget,
-        n_trials=3,
+        n_trials=2,
         storage=f"sqlite:///{tmp_path}/s.db",
         device="cpu",
         trial_budget=SHORT,
-        search_space=SPACE,
+        search_space=space,
         trial_timeout=120,  # a trial that hangs fails the test instead of holding the suite
     )
 
@@ -38,7 +38,7 @@ def _assert_found_a_wall_and_a_feasible_config(result, n_train: int) -> None:
     statuses = [probe["status"] for probe in result.probe["probes"]]
     assert "oom" in statuses, result.probe  # a real wall: a probe ran out of memory in its worker
     assert 1 < result.max_micro_batch < n_train
-    assert result.n_trials == 3 and result.n_oom_trials == 0 and result.n_failed_trials == 0
+    assert result.n_trials == 2 and result.n_oom_trials == 0 and result.n_failed_trials == 0
     recommended = result.recommended
     assert recommended is not None
     assert recommended["micro_batch_size"] <= result.max_micro_batch
@@ -80,7 +80,9 @@ def test_keras_text_finds_its_wall_on_the_longest_sequences(tmp_path):
     from autobatch.studies.keras_text import MAX_LENGTH, token_split
 
     (train, _), _ = token_split()
-    result = _tune("keras-text", "tensorflow", "1.25GiB", tmp_path)
+    # One step per window: on the CPU each TensorFlow OOM costs seconds, and a confirmation at a larger
+    # accumulation (tests/test_wall.py checks it for TensorFlow) costs several of them.
+    result = _tune("keras-text", "tensorflow", "1.25GiB", tmp_path, space=SearchSpace(max_accumulation=1))
 
     _assert_found_a_wall_and_a_feasible_config(result, len(train))
     longest = max(len(sequence) for sequence in train)

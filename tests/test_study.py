@@ -136,7 +136,11 @@ def test_the_study_finds_the_known_optimum_of_a_synthetic_backend(tmp_path):
     best_speed, best_loss = _true_best(wall)
     recommended = result.recommended
     assert recommended["throughput"] >= 0.95 * best_speed
-    assert recommended["val_loss"] <= best_loss * 1.02 + 1e-9
+    # The search comes within 1% of the true best loss; the recommendation is the fastest config
+    # within loss_tolerance (2%) of the best it found, so the two tolerances compound against the truth.
+    best_found = min(t.values[1] for t in result.study.trials if t.user_attrs.get("feasible"))
+    assert best_found <= best_loss * 1.01
+    assert recommended["val_loss"] <= best_found * 1.02 + 1e-9
     assert result.n_trials == 40 and result.n_oom_trials == 0
     assert len(result.probe["probes"]) <= 10
 
@@ -263,9 +267,9 @@ def test_cli_tune_on_synthetic_images_then_resume_without_probing_again(run_cli,
         "--memory-budget",
         "1GiB",
         "--trials",
-        "12",
+        "6",
         "--samples",
-        "512",
+        "256",
         "--storage",
         f"sqlite:///{tmp_path}/a.db",
         "--study-name",
@@ -278,7 +282,7 @@ def test_cli_tune_on_synthetic_images_then_resume_without_probing_again(run_cli,
     result = json.loads(first.stdout)
     recommended = result["recommended"]
     assert recommended is not None and recommended["peak_memory_bytes"] < result["memory_budget_bytes"]
-    assert result["n_oom_trials"] == 0 and result["n_trials"] == 12
+    assert result["n_oom_trials"] == 0 and result["n_trials"] == 6
     assert set(recommended) >= {
         "micro_batch_size",
         "accumulation_steps",
@@ -290,15 +294,15 @@ def test_cli_tune_on_synthetic_images_then_resume_without_probing_again(run_cli,
     }
 
     # Two more trials are enough to show the resume: it adds to the study and does not probe again.
-    second = run_cli(*[arg if arg != "12" else "2" for arg in args], timeout=900)
+    second = run_cli(*[arg if arg != "6" else "2" for arg in args], timeout=900)
     assert second.returncode == 0, second.stderr[-2000:]
     again = json.loads(second.stdout)
-    assert again["n_trials"] == 14
+    assert again["n_trials"] == 8
     assert again["probe"] == result["probe"]  # not probed again
     assert again["max_micro_batch"] == result["max_micro_batch"]
 
     shown = run_cli("show", "--storage", f"sqlite:///{tmp_path}/a.db", "--study-name", "images", "--json")
-    assert json.loads(shown.stdout)["n_trials"] == 14
+    assert json.loads(shown.stdout)["n_trials"] == 8
 
 
 def test_cli_tune_bad_input_names_the_option(run_cli, tmp_path):

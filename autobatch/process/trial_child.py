@@ -10,7 +10,9 @@ trial's phase) it writes into its phase file, for the parent to read if it dies.
 
 Where the backend allows it (``Backend.fork_safe``: not once loading the task initialised
 CUDA), each trial runs in a process forked from this one: a copy of a process that has paid
-the framework import and the data load, but has run nothing yet. Every trial thus starts
+the framework import and the data load, but has run nothing yet. A backend whose runtime a
+fork does not survive once the task's factory ran an op (TensorFlow: ``loads_task_in_trial``)
+has each forked trial load the task itself. Every trial thus starts
 from the same clean state, as a fresh process would, and its peak memory is its own; only
 the start-up cost is shared. Otherwise this process runs one trial and exits. Every failure
 becomes a result; a trial process that dies is reported by a ``died`` record with
@@ -99,7 +101,10 @@ def _serve(setup: dict, requests, results, started_at: float) -> int:
             results.write(json.dumps({"died": True, "wait_status": status, "maxrss_kib": usage.ru_maxrss}) + "\n")
             results.flush()
         # Later trials reuse the import and the data load: their start-up costs only the fork.
-        start_cost = {"worker_start": 0.0, "framework_import": 0.0, "task_load": 0.0}
+        # (A task each trial loads itself keeps its own load time.)
+        start_cost = {"worker_start": 0.0, "framework_import": 0.0}
+        if worker.workload is not None:
+            start_cost["task_load"] = 0.0
     return 0
 
 
@@ -154,7 +159,6 @@ class _Worker:
         """Import the framework, configure the device, load the task; a failure is reported by the first trial."""
         try:
             from autobatch.core.registry import get_backend
-            from autobatch.tasks.loading import load_task
 
             started = time.perf_counter()
             self.backend = get_backend(self.setup["backend"])
@@ -164,12 +168,24 @@ class _Worker:
             except Exception as error:
                 self.device_error = error
                 return
-            started = time.perf_counter()
-            with self.backend.task_loading():  # as trials will fork after it (Backend.fork_safe)
-                self.workload = load_task(self.setup["task"])
-            self.load_timings["task_load"] = time.perf_counter() - started
+            if self.backend.loads_task_in_trial(self.device) and self.setup.get("fork", True):
+                return  # each forked trial loads it (Backend.loads_task_in_trial): see load_task_here
+            self.load_task_here()
         except BaseException as error:  # noqa: BLE001 - reported as the trial's result
             self.load_error = error
+
+    def load_task_here(self) -> None:
+        """Load the task in this process (the worker, or a trial forked before any load)."""
+        from autobatch.tasks.loading import load_task
+
+        assert self.backend is not None
+        started = time.perf_counter()
+        try:
+            with self.backend.task_loading():  # as trials may fork after it (Backend.fork_safe)
+                self.workload = load_task(self.setup["task"])
+        except BaseException as error:  # noqa: BLE001 - reported as the trial's result
+            self.load_error = error
+        self.load_timings["task_load"] = time.perf_counter() - started
 
     def run(self, request: dict):
         from autobatch.core.config import TrialBudget, TrialConfig, TrialResult
@@ -190,10 +206,13 @@ class _Worker:
                 on_baseline=lambda: self._mark_baseline(baseline),
             )
             progress.phase = "setup"
-            if self.load_error is not None:
-                raise self.load_error
             if self.device_error is not None:
                 raise self.device_error
+            if self.workload is None and self.load_error is None and self.backend is not None:
+                self.load_task_here()  # deferred to the trial: loading it in the worker would spoil the fork
+                timings["task_load"] = self.load_timings["task_load"]
+            if self.load_error is not None:
+                raise self.load_error
             assert self.backend is not None and self.workload is not None
             budget_bytes = self.setup.get("memory_budget_bytes")
             if budget_bytes and self.device != "cpu":

@@ -49,6 +49,11 @@ class TensorFlowBackend(TrialBackend):
         # would wait for them forever (measured), so each trial gets a new process too.
         return not memory.is_gpu(device) and not _eager_context_started()
 
+    def loads_task_in_trial(self, device: str) -> bool:
+        # Building a KerasTask's tf.data pipeline starts the eager context and its thread pools, after
+        # which a fork hangs (see fork_safe): on the CPU each forked trial loads the task itself.
+        return not memory.is_gpu(device)
+
     def configure_device(self, device: str, budget_bytes: int | None) -> None:
         """A logical device whose ``memory_limit`` is the budget, or without one, memory growth.
 
