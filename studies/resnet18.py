@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from autobatch.studies.synthetic import N_CLASSES, patch_images
 from autobatch.tasks.torch_task import TorchTask
 
-N_CLASSES = 10
 IMAGE_SHAPE = (3, 32, 32)
 TRAIN_SAMPLES = 4096
 VAL_SAMPLES = 512
@@ -40,23 +40,6 @@ WEIGHT_DECAY = 5e-4
 #: the mean and spread of each channel of the generated images, for normalising
 CHANNEL_MEAN = (0.27, 0.27, 0.27)
 CHANNEL_STD = (0.195, 0.195, 0.195)
-
-# One colour per class, far apart in RGB (as in the synthetic-images study).
-PALETTE = np.array(
-    [
-        [255, 0, 0],
-        [0, 255, 0],
-        [0, 0, 255],
-        [255, 255, 0],
-        [255, 0, 255],
-        [0, 255, 255],
-        [255, 255, 255],
-        [255, 128, 0],
-        [128, 0, 255],
-        [0, 128, 128],
-    ],
-    dtype=np.uint8,
-)
 
 
 def resnet18() -> TorchTask:
@@ -122,20 +105,7 @@ class ImageDataset:
 @lru_cache(maxsize=1)
 def image_split(seed: int = 4321) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(x_train, y_train, x_val, y_val): uint8 (N, 3, 32, 32) images of noise with a class-coloured patch."""
-    rng = np.random.default_rng(seed)
-    total = TRAIN_SAMPLES + VAL_SAMPLES
-    size = IMAGE_SHAPE[1]
-    labels = rng.integers(0, N_CLASSES, size=total).astype(np.int64)
-    images = rng.integers(0, 128, size=(total, *IMAGE_SHAPE), dtype=np.uint8)
-    tops = rng.integers(0, size - PATCH, size=total)
-    lefts = rng.integers(0, size - PATCH, size=total)
-    rows = tops[:, None] + np.arange(PATCH)[None, :]  # (total, PATCH)
-    cols = lefts[:, None] + np.arange(PATCH)[None, :]
-    sample = np.arange(total)[:, None, None, None]
-    channel = np.arange(3)[None, :, None, None]
-    colours = PALETTE[labels][:, :, None, None]  # (total, 3, 1, 1)
-    images[sample, channel, rows[:, None, :, None], cols[:, None, None, :]] = colours
-    return images[:TRAIN_SAMPLES], labels[:TRAIN_SAMPLES], images[TRAIN_SAMPLES:], labels[TRAIN_SAMPLES:]
+    return patch_images(TRAIN_SAMPLES, VAL_SAMPLES, IMAGE_SHAPE, PATCH, noise_below=128, seed=seed)
 
 
 def plain_resnet18(num_classes: int) -> Any:

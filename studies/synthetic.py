@@ -42,20 +42,28 @@ PALETTE = np.array(
 
 @lru_cache(maxsize=1)
 def synthetic_split(seed: int = 1234) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    return patch_images(TRAIN_SAMPLES, VAL_SAMPLES, IMAGE_SHAPE, PATCH, noise_below=96, seed=seed)
+
+
+def patch_images(
+    train: int, val: int, image_shape: tuple[int, int, int], patch: int, noise_below: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, y_train, x_val, y_val): uint8 (N, C, H, W) noise under ``noise_below``, each image with a
+    ``patch``-square of its class's :data:`PALETTE` colour at a random place."""
     rng = np.random.default_rng(seed)
-    total = TRAIN_SAMPLES + VAL_SAMPLES
-    size = IMAGE_SHAPE[1]
+    total = train + val
+    size = image_shape[1]
     labels = rng.integers(0, N_CLASSES, size=total).astype(np.int64)
-    images = rng.integers(0, 96, size=(total, *IMAGE_SHAPE), dtype=np.uint8)
-    tops = rng.integers(0, size - PATCH, size=total)
-    lefts = rng.integers(0, size - PATCH, size=total)
-    rows = tops[:, None] + np.arange(PATCH)[None, :]  # (total, PATCH)
-    cols = lefts[:, None] + np.arange(PATCH)[None, :]
+    images = rng.integers(0, noise_below, size=(total, *image_shape), dtype=np.uint8)
+    tops = rng.integers(0, size - patch, size=total)
+    lefts = rng.integers(0, size - patch, size=total)
+    rows = tops[:, None] + np.arange(patch)[None, :]  # (total, patch)
+    cols = lefts[:, None] + np.arange(patch)[None, :]
     sample = np.arange(total)[:, None, None, None]
     channel = np.arange(3)[None, :, None, None]
     colours = PALETTE[labels][:, :, None, None]  # (total, 3, 1, 1)
     images[sample, channel, rows[:, None, :, None], cols[:, None, None, :]] = colours
-    return images[:TRAIN_SAMPLES], labels[:TRAIN_SAMPLES], images[TRAIN_SAMPLES:], labels[TRAIN_SAMPLES:]
+    return images[:train], labels[:train], images[train:], labels[train:]
 
 
 def synthetic_images() -> Workload:
