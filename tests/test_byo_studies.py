@@ -67,7 +67,8 @@ def test_resnet18_with_batch_norm_never_trains_on_one_sample(tmp_path):
     pytest.importorskip("torch")
     from autobatch.studies.resnet18 import TRAIN_SAMPLES
 
-    result = _tune("resnet18", "torch", "1GiB", tmp_path)
+    # One step per window: the wall's confirmation at a larger accumulation is tests/test_wall.py's to check.
+    result = _tune("resnet18", "torch", "1GiB", tmp_path, space=SearchSpace(max_accumulation=1))
 
     _assert_found_a_wall_and_a_feasible_config(result, TRAIN_SAMPLES)
     assert result.worst_case_sample_size is None  # images of one size: any window is the worst
@@ -75,8 +76,11 @@ def test_resnet18_with_batch_norm_never_trains_on_one_sample(tmp_path):
     assert all(trial.user_attrs["micro_batch_size"] >= 2 for trial in result.study.trials)
 
 
-def test_keras_text_finds_its_wall_on_the_longest_sequences(tmp_path):
+def test_keras_text_finds_its_wall_on_the_longest_sequences(tmp_path, monkeypatch):
     pytest.importorskip("tensorflow")
+    # oneDNN's CPU allocator waits 10 s for memory before it reports an OOM (AllocatorRetry); without
+    # it an OOM probe takes seconds, not tens of them (as in tests/test_wall.py). The study is the same.
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
     from autobatch.studies.keras_text import MAX_LENGTH, token_split
 
     (train, _), _ = token_split()
