@@ -70,6 +70,10 @@ class KerasTask:
         validate_fields(self)
         for name in ("train_data", "val_data"):
             _check_keras_data(name, getattr(self, name))
+        # Through the cached lengths: a pipeline of unknown cardinality is counted once, here.
+        empty = [name for name, n in (("train_data", "n_train"), ("val_data", "n_val")) if _empty(self, name, n)]
+        if empty:
+            raise InvalidParameterError(empty[0], "a dataset of 0 samples", "must hold at least one sample")
 
     @property
     def frameworks(self) -> tuple[str, ...]:
@@ -127,7 +131,7 @@ def batching_step(dataset: Any) -> str | None:
 
 def _check_keras_data(name: str, data: Any) -> None:
     if is_tf_dataset(data):
-        if "Batch" in type(data).__name__:  # _BatchDataset, _PaddedBatchDataset: elements would be batches
+        if batching_step(data) is not None:  # anywhere in the pipeline: its elements would be batches
             raise InvalidParameterError(
                 name,
                 "a batched tf.data.Dataset",
@@ -138,9 +142,7 @@ def _check_keras_data(name: str, data: Any) -> None:
             raise InvalidParameterError(
                 name, "an infinite tf.data.Dataset (.repeat())", "must be finite: one epoch of elements"
             )
-        if keras_data_length(data) == 0:
-            raise InvalidParameterError(name, "a dataset of 0 samples", "must hold at least one sample")
-        return
+        return  # its length, which may take reading it, is checked once, by __post_init__
     if is_py_dataset(data):
         if len(data) == 0:
             raise InvalidParameterError(name, "a PyDataset of 0 batches", "must hold at least one sample")
@@ -148,6 +150,11 @@ def _check_keras_data(name: str, data: Any) -> None:
     check_dataset(name, data, allowed=KERAS_DATA)
     if not is_array_pair(data):
         raise InvalidParameterError(name, type(data).__name__, f"must be {KERAS_DATA}")
+
+
+def _empty(task: KerasTask, data_field: str, length_field: str) -> bool:
+    """A tf.data pipeline with no elements (arrays and PyDatasets are checked when the field is)."""
+    return is_tf_dataset(getattr(task, data_field)) and getattr(task, length_field) == 0
 
 
 def _first_leaf(batch: Any) -> Any:
