@@ -193,13 +193,13 @@ def last_line(text: str, limit: int = 500) -> str:
 
 
 def memory_status() -> dict[str, int]:
-    """VmData, VmRSS, VmHWM and friends of this process, from /proc/self/status, in bytes."""
+    """VmData, VmRSS, VmHWM, RssFile and friends of this process, from /proc/self/status, in bytes."""
     values: dict[str, int] = {}
     try:
         with open("/proc/self/status") as handle:
             for line in handle:
                 key, _, rest = line.partition(":")
-                if key.startswith("Vm"):
+                if key.startswith(("Vm", "Rss")):
                     values[key] = int(rest.split()[0]) * 1024
     except (OSError, ValueError, IndexError):
         pass
@@ -210,21 +210,28 @@ class CpuPeakMeter:
     """This process's memory on the CPU as ``RLIMIT_DATA`` counts it, from a start to its peak.
 
     ``RLIMIT_DATA`` counts the data segment (VmData), which Linux keeps no peak of; resident
-    memory (VmRSS) has one (VmHWM) that can be reset. The two differ by reservations never
-    touched (thread arenas, BLAS buffers) and by resident pages of mapped library files
-    (TensorFlow's), a difference that holds still while a trial runs. So memory is read as
-    the data segment at the start plus how far resident memory rose since.
+    memory (VmRSS) has one (VmHWM) that can be reset. So memory is read as the data segment
+    at the start plus how far resident memory rose since, less the pages of mapped files
+    that became resident meanwhile: PyTorch pages in ~40 MiB of its library's kernels during
+    a first trial, and counting them read a trial that ran under a 640 MiB cap as a 663 MiB
+    peak. The kernel's virtual peak (VmPeak, which never falls) bounds the result from
+    above: the data segment cannot have grown further than the whole address space did.
     """
 
     def __init__(self) -> None:
         self.start_data_bytes: int | None = None
         self.start_resident_bytes: int | None = None
+        self.start_file_bytes = 0
+        self.start_outside_data_bytes: int | None = None  # the address space that is not data
 
     def start(self, reset_peak: bool = True) -> None:
         """Start measuring here; with ``reset_peak`` the resident peak starts here too."""
         status = memory_status()
         if "VmData" in status and "VmRSS" in status:
             self.start_data_bytes, self.start_resident_bytes = status["VmData"], status["VmRSS"]
+            self.start_file_bytes = status.get("RssFile", 0)
+            if "VmSize" in status:
+                self.start_outside_data_bytes = status["VmSize"] - status["VmData"]
         if reset_peak:
             try:
                 with open("/proc/self/clear_refs", "w") as handle:
@@ -234,17 +241,23 @@ class CpuPeakMeter:
 
     def current_bytes(self) -> int | None:
         """What the process holds now; None before :meth:`start` or where /proc says nothing."""
-        return self.as_data_bytes(memory_status().get("VmRSS"))
+        status = memory_status()
+        return self._as_data_bytes(status.get("VmRSS"), status)
 
     def peak_bytes(self) -> int | None:
         """The most the process held since :meth:`start`."""
-        return self.as_data_bytes(memory_status().get("VmHWM"))
+        status = memory_status()
+        estimate = self._as_data_bytes(status.get("VmHWM"), status)
+        if estimate is None or self.start_outside_data_bytes is None or "VmPeak" not in status:
+            return estimate
+        return min(estimate, status["VmPeak"] - self.start_outside_data_bytes)
 
-    def as_data_bytes(self, resident_bytes: int | None) -> int | None:
+    def _as_data_bytes(self, resident_bytes: int | None, status: dict[str, int]) -> int | None:
         """A resident size read as the data segment ``RLIMIT_DATA`` compares with the budget."""
         if resident_bytes is None or self.start_data_bytes is None or self.start_resident_bytes is None:
             return None
-        return self.start_data_bytes + max(0, resident_bytes - self.start_resident_bytes)
+        files_paged_in = max(0, status.get("RssFile", 0) - self.start_file_bytes)
+        return self.start_data_bytes + max(0, resident_bytes - self.start_resident_bytes - files_paged_in)
 
 
 def budget_as_given(memory_budget: str | int | MemoryBudget | None) -> str | None:

@@ -265,7 +265,7 @@ class _Worker:
         if self.backend is not None and self.device != "cpu":
             self._count_device_memory(result)
         else:
-            result.peak_memory_bytes = self.memory.as_data_bytes(result.peak_resident_bytes)
+            result.peak_memory_bytes = self.memory.peak_bytes()
         return result
 
     def _count_device_memory(self, result) -> None:
