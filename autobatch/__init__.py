@@ -12,6 +12,7 @@ from autobatch.core.adaptive import (
     UnrecoverableOOMError,
 )
 from autobatch.core.config import TrialBudget, TrialConfig, TrialResult
+from autobatch.core.lr_schedule import LearningRateSchedule
 from autobatch.core.memory import MemoryBudget
 from autobatch.core.registry import backend_names, get_backend
 from autobatch.errors import (
@@ -46,6 +47,7 @@ __all__ = [
     "AutobatchError",
     "BackendNotFoundError",
     "InvalidParameterError",
+    "LearningRateSchedule",
     "MemoryBudget",
     "StorageError",
     "TaskLoadError",

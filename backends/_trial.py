@@ -5,14 +5,17 @@ trial once (model, optimizer, loss, precision and data, in a :class:`Trial`), dr
 windows and evaluations through :func:`autobatch.core.schedule.run_schedule`, and assembles
 the :class:`~autobatch.backends.base.TrialMeasurements` once. A backend supplies only what
 differs between frameworks: how a trial is built, how one window trains, how the model is
-evaluated, where the trial runs (:meth:`TrialBackend.trial_scope`) and its memory (the rest
-of :class:`~autobatch.backends.base.Backend`).
+evaluated, how its learning rate is scaled, where the trial runs (:meth:`TrialBackend.trial_scope`)
+and its memory (the rest of :class:`~autobatch.backends.base.Backend`). A task's learning-rate
+schedule (:mod:`autobatch.core.lr_schedule`) is applied here, before each window, over the trial's
+own length (:class:`ScheduledLearningRate`).
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,14 +23,16 @@ import numpy as np
 
 from autobatch.backends.base import Backend, TrialMeasurements
 from autobatch.core.config import TrialBudget, TrialConfig
+from autobatch.core.lr_schedule import LearningRateSchedule
 from autobatch.core.noise import NoiseScaleEstimator
 from autobatch.core.progress import TrialProgress
 from autobatch.core.schedule import TrialSchedule, run_schedule, trial_extras
 from autobatch.core.windows import SteadyStateTimer, Window
+from autobatch.errors import InvalidParameterError
 from autobatch.tasks.loading import Task
 from autobatch.tasks.samples import longest_first
 
-__all__ = ["Trial", "TrialBackend", "mean_loss_in_batches"]
+__all__ = ["ScheduledLearningRate", "Trial", "TrialBackend", "mean_loss_in_batches"]
 
 
 class TrialBackend(Backend):
@@ -65,8 +70,16 @@ class TrialBackend(Backend):
                 return trial.evaluate(eval_batch, budget.val_samples)
 
             timer = SteadyStateTimer(budget.warmup_steps)
+            lr_schedule = LearningRateSchedule.parse(getattr(task, "lr_schedule", None))
+            # A constant rate is the optimizer's own: its trials run exactly as without a schedule.
+            scheduled = None if lr_schedule.is_constant else ScheduledLearningRate(trial, lr_schedule, budget)
             outcome = run_schedule(
-                schedule, feed=trial.feed, train=trial.train_window, evaluate=validate, progress=progress, timer=timer
+                schedule,
+                feed=trial.feed,
+                train=trial.train_window if scheduled is None else scheduled.train_window,
+                evaluate=validate if scheduled is None else scheduled.evaluating(validate),
+                progress=progress,
+                timer=timer,
             )
             trial.finish()
         return TrialMeasurements(
@@ -79,8 +92,58 @@ class TrialBackend(Backend):
                 "final_train_loss": outcome.last_train_loss,
                 **trial.extras(),
                 **trial_extras(outcome, trial.noise),
+                **(scheduled.extras() if scheduled is not None else {}),
             },
         )
+
+
+class ScheduledLearningRate:
+    """A trial's windows with the learning rate ``schedule`` sets before each, over the trial's own length.
+
+    Progress is the share of the budget done before the window: samples trained over
+    ``budget.train_samples``, or training seconds (evaluation left out) over ``budget.train_seconds``.
+    Windows run for timing alone, after the last evaluation, train at the schedule's end.
+    """
+
+    def __init__(self, trial: Trial, schedule: LearningRateSchedule, budget: TrialBudget):
+        self.trial = trial
+        self.schedule = schedule
+        self.budget = budget
+        self.multiplier: float | None = None  # the last one set: None, set at the first window
+        self.samples_trained = 0
+        self.eval_seconds = 0.0
+        self.started = time.perf_counter()  # training starts now: the trial is built
+
+    def train_window(self, window: Window, micro_batches: Any, measure: bool) -> float:
+        multiplier = self.schedule.multiplier(self.progress() if measure else 1.0)
+        if multiplier != self.multiplier:
+            self.trial.scale_learning_rate(multiplier)
+            self.multiplier = multiplier
+        loss = self.trial.train_window(window, micro_batches, measure)
+        self.samples_trained += window.size
+        return loss
+
+    def evaluating(self, evaluate: Callable[[], float]) -> Callable[[], float]:
+        """``evaluate``, its time kept off the training clock a time budget's progress reads."""
+
+        def timed() -> float:
+            started = time.perf_counter()
+            try:
+                return evaluate()
+            finally:
+                self.eval_seconds += time.perf_counter() - started
+
+        return timed
+
+    def progress(self) -> float:
+        """The share of the trial's length done, at most 1."""
+        seconds = self.budget.train_seconds
+        if seconds is None:
+            return min(1.0, self.samples_trained / self.budget.train_samples)
+        return min(1.0, (time.perf_counter() - self.started - self.eval_seconds) / seconds)
+
+    def extras(self) -> dict[str, Any]:
+        return {"lr_schedule": str(self.schedule), "final_lr_multiplier": self.multiplier}
 
 
 class Trial(abc.ABC):
@@ -135,6 +198,18 @@ class Trial(abc.ABC):
     def finish(self) -> None:
         """After the last window: collect what was measured on the device."""
         return None  # nothing is left on the device unless a backend measures there
+
+    def scale_learning_rate(self, multiplier: float) -> None:
+        """Train the next windows at the config's learning rate × ``multiplier`` (a task's ``lr_schedule``).
+
+        Each parameter group's own starting rate is scaled, so groups keep their ratios. A backend
+        that cannot set its rate refuses a schedule here, before the first window.
+        """
+        raise InvalidParameterError(
+            "lr_schedule",
+            f"a schedule for {type(self).__name__}",
+            "needs a trial that scales its learning rate (Trial.scale_learning_rate); give None or 'constant'",
+        )
 
     def extras(self) -> dict[str, Any]:
         """What this trial adds to ``TrialMeasurements.extras``; a backend adds its own to these."""

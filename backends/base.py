@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from autobatch.core.config import TrialBudget, TrialConfig
 from autobatch.core.progress import TrialProgress
-from autobatch.errors import AutobatchError
+from autobatch.errors import AutobatchError, InvalidParameterError
 from autobatch.tasks.loading import Task
 
 if TYPE_CHECKING:
@@ -178,6 +178,19 @@ class TrainingSession(abc.ABC):
     @abc.abstractmethod
     def run_window(self, indices: np.ndarray, epoch: int | None = None) -> float:
         """Train one optimizer step on the training samples at ``indices``; the window's mean loss."""
+
+    def scale_learning_rate(self, multiplier: float) -> None:
+        """Train the next windows at the config's learning rate × ``multiplier`` (a task's ``lr_schedule``).
+
+        Each parameter group's own starting rate is scaled, so groups keep their ratios. A session that
+        cannot set its rate refuses a schedule here, before the first window.
+        """
+        raise InvalidParameterError(
+            "lr_schedule",
+            f"a schedule for {type(self).__name__}",
+            "needs a session that scales its learning rate (TrainingSession.scale_learning_rate); "
+            "give None or 'constant'",
+        )
 
     @abc.abstractmethod
     def evaluate(self, batch_size: int) -> float:

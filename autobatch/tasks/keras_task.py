@@ -14,6 +14,7 @@ from functools import cached_property
 from typing import Any, ClassVar
 
 from autobatch._validation import Interval, IsCallable, StrOptions, validate_fields
+from autobatch.core.lr_schedule import LearningRateSchedule
 from autobatch.errors import InvalidParameterError
 from autobatch.tasks.samples import check_dataset, is_array_pair
 from autobatch.tasks.torch_task import LR_RULES
@@ -39,6 +40,8 @@ class KerasTask:
     - ``lr_rule``, ``base_batch_size``, ``base_learning_rate``, ``sample_size``: as in
       :class:`autobatch.TorchTask`. Elements of varying length are found without ``sample_size``:
       every trial then measures its peak on windows of the longest elements.
+    - ``lr_schedule``: as in :class:`autobatch.TorchTask`; the trial assigns the optimizer's
+      ``learning_rate`` variable before each window, so the traced step is not traced again.
 
     The loss must be a mean over the batch (Keras's default reduction, ``"sum_over_batch_size"``):
     each micro-batch's loss is weighted by its share of the window's samples.
@@ -56,6 +59,7 @@ class KerasTask:
     name: str = "keras-task"
     description: str = ""
     extras: dict[str, Any] = field(default_factory=dict)
+    lr_schedule: str | Callable[[float], float] | LearningRateSchedule | None = None
 
     framework: ClassVar[str] = "tensorflow"
     _parameter_constraints: ClassVar[dict] = {
@@ -68,6 +72,8 @@ class KerasTask:
 
     def __post_init__(self) -> None:
         validate_fields(self)
+        if self.lr_schedule is not None:  # parsed once, here: trials and runs read the schedule
+            self.lr_schedule = LearningRateSchedule.parse(self.lr_schedule)
         for name in ("train_data", "val_data"):
             _check_keras_data(name, getattr(self, name))
         # Through the cached lengths: a pipeline of unknown cardinality is counted once, here.

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from autobatch._validation import Interval, IsCallable, StrOptions, validate_fields
+from autobatch.core.lr_schedule import LearningRateSchedule
 from autobatch.tasks.samples import check_dataset, dataset_length
 
 __all__ = ["LR_RULES", "TorchTask"]
@@ -46,6 +47,9 @@ class TorchTask:
     - ``sample_size``: ``sample -> int``, what a sample's memory grows with (its number of tokens).
       Given, or found (a dict sample holding sequences of varying length), every trial measures its
       peak on windows of the longest samples, so the wall holds for the worst batch of an epoch.
+    - ``lr_schedule``: how the learning rate moves over each trial and over ``autobatch train``'s run,
+      scaled to its length: ``"cosine"``, ``"warmup-cosine"``, ``"cosine:WARMUP:FINAL"``, a callable
+      ``progress -> multiplier`` (see :mod:`autobatch.core.lr_schedule`); ``None``: constant.
     """
 
     model: Callable[[], Any]
@@ -61,6 +65,7 @@ class TorchTask:
     name: str = "torch-task"
     description: str = ""
     extras: dict[str, Any] = field(default_factory=dict)
+    lr_schedule: str | Callable[[float], float] | LearningRateSchedule | None = None
 
     framework: ClassVar[str] = "torch"
     _parameter_constraints: ClassVar[dict] = {
@@ -76,6 +81,8 @@ class TorchTask:
 
     def __post_init__(self) -> None:
         validate_fields(self)
+        if self.lr_schedule is not None:  # parsed once, here: trials and runs read the schedule
+            self.lr_schedule = LearningRateSchedule.parse(self.lr_schedule)
         check_dataset("train_data", self.train_data)
         check_dataset("val_data", self.val_data)
 

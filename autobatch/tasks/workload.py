@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from autobatch.core.imports import import_object
+from autobatch.core.lr_schedule import LearningRateSchedule
 from autobatch.errors import InvalidParameterError, TaskLoadError
 
 LOSSES = ("cross_entropy", "mse")
@@ -30,7 +31,9 @@ class Workload:
     ``base_batch_size`` and ``base_learning_rate`` anchor the learning-rate scaling
     rule: the learning rate known to work at the base batch. ``models`` maps a
     framework name (``"torch"``, ``"tensorflow"``) to a callable, or an import path
-    ``"module:function"``, returning a fresh untrained model.
+    ``"module:function"``, returning a fresh untrained model. ``lr_schedule`` is how the
+    learning rate moves over a trial or a run (:mod:`autobatch.core.lr_schedule`: ``"cosine"``,
+    ``"warmup-cosine"``, a callable ``progress -> multiplier``); ``None``: constant.
     """
 
     name: str
@@ -45,6 +48,7 @@ class Workload:
     base_learning_rate: float = 1e-3
     description: str = ""
     extras: dict[str, Any] = field(default_factory=dict)
+    lr_schedule: str | Callable[[float], float] | LearningRateSchedule | None = None
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -61,6 +65,8 @@ class Workload:
             raise InvalidParameterError(
                 "x_train/x_val", (len(self.x_train), len(self.x_val)), "splits must not be empty"
             )
+        if self.lr_schedule is not None:  # parsed once, here: trials and runs read the schedule
+            self.lr_schedule = LearningRateSchedule.parse(self.lr_schedule)
 
     @property
     def frameworks(self) -> tuple[str, ...]:

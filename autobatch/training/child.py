@@ -4,8 +4,9 @@ It caps its memory (:func:`autobatch.process.child.enter_child`), imports the fr
 configures and caps the device before the task can touch it, loads the task and asks the
 backend for a :class:`~autobatch.backends.base.TrainingSession`; then
 :class:`TrainingLoop` trains the windows of :func:`autobatch.training.api.plan_epochs` in order,
-writes checkpoints where an OOM could kill the process, evaluates, and writes the model. Every
-step and every failure goes to the supervisor as one JSON event per line on its pipe.
+at the learning rate the task's ``lr_schedule`` gives each (over the whole run, as trials apply it
+over theirs), writes checkpoints where an OOM could kill the process, evaluates, and writes the
+model. Every step and every failure goes to the supervisor as one JSON event per line on its pipe.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from autobatch.core.adaptive import (
     UnrecoverableOOMError,
 )
 from autobatch.core.config import TrialConfig
+from autobatch.core.lr_schedule import LearningRateSchedule
 from autobatch.errors import AutobatchError, first_line
 from autobatch.process.child import CpuPeakMeter, enter_child
 from autobatch.training.api import plan_epochs
@@ -145,6 +147,8 @@ class TrainingLoop:
         )
         self.checkpoint_path = Path(setup["workdir"]) / "checkpoint"
         self._last_micro = self.controller.micro_batch_size
+        lr_schedule = LearningRateSchedule.parse(getattr(workload, "lr_schedule", None))
+        self.lr_schedule = None if lr_schedule.is_constant else lr_schedule  # None: the optimizer's own rate
 
     def run(self) -> None:
         on_cpu = self.setup["device"] == "cpu"
@@ -161,6 +165,7 @@ class TrainingLoop:
         last_checkpoint_at, checkpoint_cost = time.perf_counter(), None
         for index in range(first, len(self.windows)):
             epoch, indices = self.windows[index]
+            scheduled = self._schedule_learning_rate(index)
             started = time.perf_counter()
             loss = self.session.run_window(indices, epoch)
             seconds = time.perf_counter() - started
@@ -174,6 +179,7 @@ class TrainingLoop:
                 seconds=seconds,
                 micro=micro,
                 accumulation=math.ceil(len(indices) / micro),
+                **scheduled,
             )
             now = time.perf_counter()
             if self.checkpoint_every:
@@ -198,6 +204,15 @@ class TrainingLoop:
             baseline_memory_bytes=baseline_bytes,
         )
 
+    def _schedule_learning_rate(self, index: int) -> dict:
+        """Set the rate window ``index`` trains at: from the windows done before it, so a resumed run
+        (its optimizer's rate from a checkpoint) continues the schedule. The event's field that says it."""
+        if self.lr_schedule is None:
+            return {}
+        multiplier = self.lr_schedule.multiplier(index / len(self.windows))
+        self.session.scale_learning_rate(multiplier)
+        return {"lr_multiplier": multiplier}
+
     def _hook_events(self) -> None:
         controller = self.controller
 
@@ -220,9 +235,10 @@ class TrainingLoop:
         controller.on_attempt = lambda step, micro, size: self.send(
             "attempt", step=step, micro=micro, window_size=size, replay=True, controller=controller.state_dict()
         )
-        for offset, micro in enumerate(resume["replay"]):  # the same windows, at the sizes they ran at
+        for offset, micro in enumerate(resume["replay"]):  # the same windows, at the sizes and rates they ran at
             epoch, indices = self.windows[done + offset]
             controller.micro_batch_size = micro
+            self._schedule_learning_rate(done + offset)
             self.session.run_window(indices, epoch)
         controller.load_state_dict(resume["controller"])
         failed = resume["failed_step"]

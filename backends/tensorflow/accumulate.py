@@ -109,6 +109,14 @@ class MicroBatchTrainer:
             self.accumulate(x, y, tf.constant(batch_length(x) / total, tf.float32))
         return float(self.apply())
 
+    def set_learning_rate(self, learning_rate: float) -> None:
+        """Train the next windows at ``learning_rate`` (a learning-rate schedule's step).
+
+        It is assigned to the optimizer's learning-rate variable (a LossScaleOptimizer's inner one),
+        which the traced :meth:`apply` reads when it runs: nothing is traced again.
+        """
+        self.optimizer.learning_rate = learning_rate
+
     def reset_window(self) -> None:
         """Zero the gradient accumulators and the window loss: the window starts again."""
         for accumulator in self._accumulators:

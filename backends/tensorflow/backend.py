@@ -171,6 +171,9 @@ class TensorFlowTrial(Trial):
             self.noise.add_window(self.config.micro_batch_size, window.size, *trainer.last_noise_norms())
         return loss
 
+    def scale_learning_rate(self, multiplier: float) -> None:
+        self.trainer.set_learning_rate(self.config.learning_rate * multiplier)
+
     def evaluate(self, batch_size: int, limit: int | None) -> float:
         return self.trainer.evaluate_data(self.val, batch_size, limit)
 

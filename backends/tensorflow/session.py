@@ -68,6 +68,7 @@ class TensorFlowTrainingSession(TrainingSession):
         self.train, self.val = training.train, training.val
         self.n_train = self.train.n
         self.optimizer_name = training.optimizer_name
+        self.learning_rate = config.learning_rate  # what a schedule's multiplier scales
         self._device = device
 
     def run_window(self, indices: np.ndarray, epoch: int | None = None) -> float:
@@ -78,6 +79,9 @@ class TensorFlowTrainingSession(TrainingSession):
 
         with tf.device(self.device_name):
             return self.step.step_samples(len(indices), micro_batch, epoch=epoch)
+
+    def scale_learning_rate(self, multiplier: float) -> None:
+        self.step.trainer.set_learning_rate(self.learning_rate * multiplier)
 
     def evaluate(self, batch_size: int) -> float:
         with tf.device(self.device_name):

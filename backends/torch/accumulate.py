@@ -4,7 +4,8 @@ Each micro-batch's mean loss is weighted by its share of the window's samples, s
 summed gradients are the gradient of the window's mean loss even when the last
 micro-batch is short. The optimizer, the scheduler and AMP's scaler step once per
 window, and gradients are zeroed once per window. :class:`GradientNoiseMeter` records,
-on the way, the gradient norms the noise-scale estimate needs.
+on the way, the gradient norms the noise-scale estimate needs; :class:`LearningRateScaler` sets
+the rate a task's learning-rate schedule asks for before a window.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from autobatch.backends.torch.data import MicroBatches, batch_samples, collate_f
 from autobatch.backends.torch.precision import MixedPrecision
 from autobatch.backends.torch.training import BatchLoss, checked_loss
 
-__all__ = ["GradientNoiseMeter", "evaluate", "train_window"]
+__all__ = ["GradientNoiseMeter", "LearningRateScaler", "evaluate", "train_window"]
 
 
 def train_window(
@@ -119,6 +120,26 @@ def evaluate(
         return mean_loss_in_batches(len(order), batch_size, limit, loss_sum)
     finally:
         model.train()
+
+
+class LearningRateScaler:
+    """Sets each parameter group's learning rate to its starting one × a multiplier, so groups keep their ratios.
+
+    The starting rates are read when it is made, before any checkpoint is loaded into the optimizer.
+    A rate held as a tensor (a capturable or fused optimizer's) is filled in place: a compiled
+    step keeps reading the same tensor.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.base_rates = [float(group["lr"]) for group in optimizer.param_groups]
+
+    def scale(self, multiplier: float) -> None:
+        for group, base in zip(self.optimizer.param_groups, self.base_rates, strict=True):
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(base * multiplier)
+            else:
+                group["lr"] = base * multiplier
 
 
 class GradientNoiseMeter:

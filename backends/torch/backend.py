@@ -16,7 +16,7 @@ import torch._dynamo  # noqa: F401 - torch.optim imports it on first use (~1 s);
 
 from autobatch.backends._trial import Trial, TrialBackend
 from autobatch.backends.torch import memory
-from autobatch.backends.torch.accumulate import GradientNoiseMeter, evaluate, train_window
+from autobatch.backends.torch.accumulate import GradientNoiseMeter, LearningRateScaler, evaluate, train_window
 from autobatch.backends.torch.data import MicroBatches, device_batches
 from autobatch.backends.torch.precision import MixedPrecision
 from autobatch.backends.torch.session import TorchTrainingSession
@@ -146,6 +146,7 @@ class TorchTrial(Trial):
         self.sample_sizes = training_sizes(parts)
         self.optimizer_name = parts.optimizer_name
         self.meter = GradientNoiseMeter(self.model.parameters()) if self.measures_noise else None
+        self.learning_rate = LearningRateScaler(self.optimizer)
         self._val_orders: dict[int, np.ndarray] = {}
 
     def wait_for_device(self) -> None:
@@ -168,6 +169,9 @@ class TorchTrial(Trial):
         )
         self.wait_for_device()
         return loss
+
+    def scale_learning_rate(self, multiplier: float) -> None:
+        self.learning_rate.scale(multiplier)
 
     def evaluate(self, batch_size: int, limit: int | None) -> float:
         val_set = self.parts.val_set

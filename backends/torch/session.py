@@ -14,7 +14,7 @@ import torch
 
 from autobatch.backends.base import TrainingSession
 from autobatch.backends.torch import memory
-from autobatch.backends.torch.accumulate import evaluate
+from autobatch.backends.torch.accumulate import LearningRateScaler, evaluate
 from autobatch.backends.torch.adaptive import AdaptiveMicroBatcher
 from autobatch.backends.torch.data import fetch, to_device
 from autobatch.backends.torch.precision import MixedPrecision
@@ -59,6 +59,7 @@ class TorchTrainingSession(TrainingSession):
             batch_loss=self.parts.loss,
         )
         self.n_train = len(self.parts.train_set)
+        self.learning_rate = LearningRateScaler(self.optimizer)  # before a checkpoint's rates are loaded
         self._val_order: np.ndarray | None = None  # read once: an evaluation redone at a smaller batch reuses it
 
     def run_window(self, indices: np.ndarray, epoch: int | None = None) -> float:
@@ -66,6 +67,9 @@ class TorchTrainingSession(TrainingSession):
         if self.on_cuda:
             torch.cuda.synchronize(self.device)
         return loss
+
+    def scale_learning_rate(self, multiplier: float) -> None:
+        self.learning_rate.scale(multiplier)
 
     def evaluate(self, batch_size: int) -> float:
         val_set = self.parts.val_set
