@@ -23,6 +23,7 @@ from autobatch.errors import (
     TaskLoadError,
 )
 from autobatch.process.worker import run_trial
+from autobatch.search.horizon import Horizon
 from autobatch.search.results import TuneResult, load_study_result
 from autobatch.search.space import SearchSpace
 from autobatch.search.tune import tune
@@ -46,6 +47,7 @@ __all__ = [
     "train",
     "AutobatchError",
     "BackendNotFoundError",
+    "Horizon",
     "InvalidParameterError",
     "LearningRateSchedule",
     "MemoryBudget",

@@ -132,6 +132,8 @@ def compare_studies(task: str, backend: str, trials: int) -> dict:
                     storage=f"sqlite:///{folder}/costs.db",
                     study_name="costs",
                     trial_budget=trial_budget(),
+                    objective="pareto",  # trials of one sample budget, as this table has always measured
+                    max_trial_samples=trial_budget().train_samples,
                     device="cpu",
                 )
                 wall = time.perf_counter() - started

@@ -178,6 +178,8 @@ def _tune(task, framework, budget, trials, trial_budget, search_space=None) -> d
             storage=f"sqlite:///{folder}/frameworks.db",
             study_name=f"{task}-{framework}",
             trial_budget=trial_budget,
+            objective="pareto",  # trials of one sample budget, as this comparison has always measured
+            max_trial_samples=trial_budget.train_samples,
             search_space=search_space,
             device="cpu",
         )

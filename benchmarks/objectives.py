@@ -114,6 +114,7 @@ def run_studies(n_trials: int, seconds: float) -> dict:
             device="cpu",
             objective=objective,
             trial_budget=budget,
+            max_trial_samples=TRAIN_SAMPLES,  # every trial trains the same samples, as this study of objectives has
             seed=0,
         )
         if result.recommended is None:

@@ -190,6 +190,7 @@ def autobatch_probe(task: str, budget: str) -> dict:
             study_name="probe-benchmark",
             safety_margin=SAFETY_MARGIN,
             trial_budget=probe_budget(),
+            max_trial_samples=probe_budget().train_samples,
             device="cpu",
             on_probe=on_probe,
         )

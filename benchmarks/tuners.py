@@ -290,6 +290,8 @@ def autobatch_tune(memory_budget: str, budget, trials: int) -> dict:
             storage=f"sqlite:///{folder}/tuners.db",
             study_name="tuners",
             trial_budget=budget,
+            objective="pareto",  # the grid's truth is the loss after the same samples per trial
+            max_trial_samples=budget.train_samples,
             device="cpu",
             seed=0,
         )

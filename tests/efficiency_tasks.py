@@ -159,7 +159,21 @@ class CurveBackend(Backend):
         extras: dict = {}
         if accumulation > 1 and budget.measure_noise:
             extras["gradient_noise"] = measured_gradient_noise(workload, micro, accumulation)
-        if budget.train_seconds is None:
+        trained = budget.train_samples
+        if budget.train_seconds is None and budget.evaluation_fractions:
+            # Toward a horizon: evaluated at shares of the trial's samples, reported in thousandths of it.
+            intermediate = []
+            for share in budget.evaluation_fractions:
+                trained = math.ceil(budget.train_samples * share)
+                seconds = trained / curve_throughput(micro, accumulation)
+                loss = curve_loss(micro, accumulation, lr, trained)
+                step = round(1000 * share)
+                intermediate.append({"step": step, "train_seconds": seconds, "samples": trained, "val_loss": loss})
+                if share < 1.0 and report_intermediate(progress, step, loss, seconds):
+                    extras["pruned"] = True
+                    break
+            extras["intermediate_losses"] = intermediate
+        elif budget.train_seconds is None:
             loss = curve_loss(micro, accumulation, lr, budget.train_samples)
         else:
             intermediate = []
@@ -175,7 +189,7 @@ class CurveBackend(Backend):
         return TrialMeasurements(
             samples_per_second=curve_throughput(micro, accumulation),
             val_loss=loss,
-            samples_trained=budget.train_samples,
+            samples_trained=trained,
             steps_timed=1,
             extras=extras,
         )

@@ -29,6 +29,7 @@ def _tune(study: str, backend: str, budget: str, tmp_path, space: SearchSpace = 
         storage=f"sqlite:///{tmp_path}/s.db",
         device="cpu",
         trial_budget=SHORT,
+        max_trial_samples=SHORT.train_samples,
         search_space=space,
         trial_timeout=120,  # a trial that hangs fails the test instead of holding the suite
     )

@@ -283,7 +283,7 @@ def test_time_to_target_prunes_a_third_and_recommends_no_worse_than_pareto_withi
     assert timed.n_pruned_trials >= timed.n_trials / 3
     pruned = [t for t in timed.study.trials if t.state.name == "PRUNED"]
     assert all(t.user_attrs["pruned"] and max(t.intermediate_values) < 4 for t in pruned)
-    pareto = tune(task, "torch", study_name="pareto", trial_budget=TrialBudget(train_samples=1024), **common)
+    pareto = tune(task, "torch", study_name="pareto", objective="pareto", max_trial_samples=1024, **common)
 
     # Both recommendations trained again under the same time budget, alternately, three times each.
     losses = {"time-to-target": [], "pareto": []}

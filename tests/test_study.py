@@ -127,7 +127,13 @@ def _bisected_wall(cap_bytes: int) -> int:
 @pytest.mark.slow
 def test_the_study_finds_the_known_optimum_of_a_synthetic_backend(tmp_path):
     result = tune(
-        **SYNTHETIC, memory_budget="256MiB", n_trials=40, storage=f"sqlite:///{tmp_path}/s.db", seed=1, device="cpu"
+        **SYNTHETIC,
+        memory_budget="256MiB",
+        n_trials=40,
+        storage=f"sqlite:///{tmp_path}/s.db",
+        seed=1,
+        device="cpu",
+        objective="pareto",
     )
     # The truth, found without the probe: the largest micro-batch that runs under the probe's cap
     # (the budget less the 5% margin), bisected with plain trials.
@@ -147,7 +153,14 @@ def test_the_study_finds_the_known_optimum_of_a_synthetic_backend(tmp_path):
 
 @pytest.mark.slow
 def test_trials_record_what_a_person_reads_in_the_dashboard(tmp_path):
-    result = tune(**SYNTHETIC, memory_budget="256MiB", n_trials=3, storage=f"sqlite:///{tmp_path}/s.db", device="cpu")
+    result = tune(
+        **SYNTHETIC,
+        memory_budget="256MiB",
+        n_trials=3,
+        storage=f"sqlite:///{tmp_path}/s.db",
+        device="cpu",
+        objective="pareto",
+    )
     study = result.study
     assert study.metric_names == ["throughput (samples/s)", "validation loss"]
     for trial in study.trials:

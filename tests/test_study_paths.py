@@ -77,7 +77,7 @@ def test_a_trial_over_the_trial_timeout_is_recorded_and_the_study_goes_on(tmp_pa
 
 def test_late_in_a_pareto_study_every_other_trial_steps_from_the_recommendation(tmp_path):
     n_trials = 10  # late = the last 35%: trials 7, 8 and 9 here; the odd ones refine
-    result = tune(**SYNTHETIC, n_trials=n_trials, storage=f"sqlite:///{tmp_path}/s.db", seed=3)
+    result = tune(**SYNTHETIC, n_trials=n_trials, storage=f"sqlite:///{tmp_path}/s.db", seed=3, objective="pareto")
     trials = result.study.trials
     space = SearchSpace()
     refined, steps_at = [], {}
@@ -206,6 +206,7 @@ def test_a_search_trial_past_the_wall_runs_out_of_memory_for_real_and_is_not_rec
         study_name="cliff",
         search_space=SearchSpace(max_micro_batch=128),
         trial_budget=TrialBudget(train_samples=256),
+        max_trial_samples=256,
         on_trial=_enqueue_after_first_trial(
             url, "cliff", {"micro_batch_size": over, "accumulation_steps": 1, "lr_offset_decades": 0.0}
         ),

@@ -43,6 +43,7 @@ def test_a_search_trial_at_the_wall_with_the_largest_accumulation_fits(backend, 
         storage=f"sqlite:///{tmp_path}/wall.db",
         search_space=space,
         trial_budget=trial_budget,
+        max_trial_samples=samples,
         device="cpu",
     )
     wall = found.max_micro_batch

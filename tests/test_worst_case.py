@@ -32,6 +32,7 @@ def _wall(task: str, tmp_path) -> object:
         n_trials=1,
         storage=f"sqlite:///{tmp_path}/{task.rsplit(':', 1)[1]}.db",
         trial_budget=PROBE_BUDGET,
+        max_trial_samples=PROBE_BUDGET.train_samples,
         search_space=SPACE,
     )
 

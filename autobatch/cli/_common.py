@@ -16,7 +16,10 @@ FLAGS = {
     "learning_rate": "--lr",
     "memory_budget": "--memory-budget",
     "train_samples": "--samples",
+    "max_trial_samples": "--samples",
     "timeout": "--timeout",
+    "study_time": "--study-time",
+    "horizon": "--horizon",
     "backend": "--backend",
     "task": "TASK",
     "n_trials": "--trials",
@@ -57,7 +60,11 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
         "--memory-budget", default=None, help="e.g. 1.5GiB, 800MB or 75%% (of the device, or of available RAM on CPU)"
     )
     parser.add_argument(
-        "--samples", type=int, default=2048, help="samples trained per trial before validation (default 2048)"
+        "--samples",
+        type=int,
+        default=None,
+        help="samples trained per trial before validation (trial: default 2048; tune: the most one search trial "
+        "trains, default: as far toward --horizon as --study-time allows)",
     )
     parser.add_argument(
         "--eval-batch-size", type=int, default=None, help="validation batch size (default: the micro-batch)"
@@ -132,13 +139,16 @@ def tune_arguments(args: argparse.Namespace, *, seed: int | None, on_trial, on_p
     Options only one of the commands has (``--study-trials``, ``--objective``, ``--pruner``)
     are passed when the command has them; the other gets ``tune()``'s defaults.
     """
-    only_some = {name: getattr(args, name) for name in ("study_trials", "objective", "pruner") if hasattr(args, name)}
+    only_some = {
+        name: getattr(args, name) for name in ("study_trials", "objective", "pruner", "horizon") if hasattr(args, name)
+    }
     return dict(
         task=args.task,
         backend=args.backend,
         memory_budget=args.memory_budget,
         n_trials=args.trials,
-        timeout=args.timeout,
+        timeout=study_seconds(args),
+        max_trial_samples=args.samples,
         storage=args.storage,
         study_name=args.study_name,
         search_space=search_space_from_args(args),
@@ -156,6 +166,22 @@ def tune_arguments(args: argparse.Namespace, *, seed: int | None, on_trial, on_p
     )
 
 
+def study_seconds(args: argparse.Namespace) -> float | None:
+    """The study's time, from ``--timeout`` (seconds) or ``--study-time`` (a duration such as ``15min``)."""
+    given = getattr(args, "study_time", None)
+    if given is None:
+        return args.timeout
+    from autobatch.errors import InvalidParameterError
+    from autobatch.search.horizon import Horizon
+
+    if args.timeout is not None:
+        raise InvalidParameterError("study_time", given, "give --study-time or --timeout, not both")
+    duration = Horizon.parse(given, "study_time")
+    if not duration.is_time:
+        raise InvalidParameterError("study_time", given, "must be a duration such as '15min', '2h' or '900s'")
+    return duration.amount
+
+
 def trial_budget_from_args(args: argparse.Namespace):
     """The :class:`~autobatch.core.config.TrialBudget` of :func:`add_task_arguments`'s options.
 
@@ -165,7 +191,7 @@ def trial_budget_from_args(args: argparse.Namespace):
 
     time_budget = {name: getattr(args, name) for name in ("train_seconds", "evaluations") if hasattr(args, name)}
     return TrialBudget(
-        train_samples=args.samples,
+        train_samples=args.samples or TrialBudget.train_samples,
         eval_batch_size=args.eval_batch_size,
         num_workers=args.num_workers,
         mixed_precision=args.mixed_precision,
@@ -245,7 +271,9 @@ class TuneProgress:
         elif measured:
             outcome = f"{measured[0]:8.1f} samples/s  loss {measured[1]:.4f}"
             if result is not None and result.pruned and result.intermediate_losses:
-                outcome += f"  pruned after {result.intermediate_losses[-1]['train_seconds']:.1f} s"
+                last = result.intermediate_losses[-1]
+                trained = f"{last['samples']} samples" if "samples" in last else f"{last['train_seconds']:.1f} s"
+                outcome += f"  pruned after {trained}"
             elif result is not None and result.noise_scale is not None:
                 outcome += f"  B_noise {result.noise_scale:.0f}"
         else:  # another worker's trial under a single objective: its value is all there is

@@ -20,7 +20,19 @@ def add_command(commands) -> None:
     tune = commands.add_parser("tune", help="search micro-batch, accumulation and learning rate in an Optuna study")
     add_task_arguments(tune)
     tune.add_argument("--trials", type=int, default=20, help="search trials after the probe (default 20)")
-    tune.add_argument("--timeout", type=float, default=None, help="stop the search after this many seconds")
+    tune.add_argument(
+        "--horizon",
+        default=None,
+        help="how long the run you will make trains: 3ep, 200k samples, 5000 steps, 2h; the recommendation "
+        "is for that run (default: one epoch of the task's training split)",
+    )
+    tune.add_argument(
+        "--study-time",
+        default=None,
+        help="how long the search may take, e.g. 15min or 1h: trials train as far toward the horizon as it "
+        "allows, and the loss at the horizon is predicted where they stop short",
+    )
+    tune.add_argument("--timeout", type=float, default=None, help="--study-time in seconds")
     tune.add_argument("--trial-timeout", type=float, default=None, help="seconds before one trial is stopped")
     add_storage_arguments(tune)
     add_search_arguments(tune)
@@ -28,14 +40,15 @@ def add_command(commands) -> None:
         "--objective",
         choices=OBJECTIVES,
         default=None,
-        help="pareto: throughput and validation loss (default for a new study); goodput: throughput x "
+        help="horizon: validation loss at the --horizon, trials continued toward it by successive halving "
+        "(default for a new study); pareto: throughput and validation loss; goodput: throughput x "
         "statistical efficiency; time-to-target: validation loss within --train-seconds, pruned",
     )
     tune.add_argument(
         "--pruner",
         choices=PRUNERS,
         default=None,
-        help="time-to-target only: successive-halving (default), hyperband or none",
+        help="horizon and time-to-target: successive-halving (default), hyperband or none",
     )
     tune.add_argument(
         "--train-seconds",

@@ -64,6 +64,12 @@ class TrialBudget:
     the intermediate values a pruner may stop the trial on (``objective="time-to-target"``).
     ``measure_noise`` estimates the gradient noise scale in trials that accumulate
     (:mod:`autobatch.core.noise`); turning it off exists to measure what it costs.
+
+    ``evaluation_fractions`` places the evaluations instead: at those shares of the budget
+    (samples or seconds), ascending, the last at 1.0; every one but the last is reported to
+    the study's pruner, as the thousandths of the budget trained (a multi-fidelity search
+    continues only the trials that lead at each share: :mod:`autobatch.search.fidelity`).
+    Empty: a sample budget evaluates once, a time budget ``evaluations`` times, evenly.
     """
 
     train_samples: int = 2048
@@ -77,6 +83,7 @@ class TrialBudget:
     train_seconds: float | None = None  # None: train ``train_samples`` samples
     evaluations: int = 4  # validation-loss measurements within ``train_seconds``
     measure_noise: bool = True
+    evaluation_fractions: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         _require_positive_int("train_samples", self.train_samples)
@@ -96,6 +103,16 @@ class TrialBudget:
         if self.val_samples is not None:
             _require_positive_int("val_samples", self.val_samples)
         _require_non_negative_int("num_workers", self.num_workers)
+        fractions = tuple(float(f) for f in self.evaluation_fractions)  # a list, once it has been JSON
+        object.__setattr__(self, "evaluation_fractions", fractions)
+        if fractions and (
+            fractions[-1] != 1.0
+            or any(not 0 < f <= 1 for f in fractions)
+            or any(a >= b for a, b in zip(fractions, fractions[1:], strict=False))
+        ):
+            raise InvalidParameterError(
+                "evaluation_fractions", list(fractions), "must be ascending shares in (0, 1] that end at 1.0"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

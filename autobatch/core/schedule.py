@@ -2,10 +2,11 @@
 
 A sample budget (``TrialBudget.train_samples``) trains that many samples and evaluates
 once. A time budget (``TrialBudget.train_seconds``) trains until that much training time
-has passed, evaluating at evenly spaced points; every evaluation but the last is
-reported as an intermediate value, and the trial stops early when the report comes
-back "prune" (a pruner's decision, made in the study's process: see
-``autobatch.process.trial_child``). Both backends run their loop through :func:`run_schedule`,
+has passed, evaluating at evenly spaced points. Either evaluates at the shares of the
+budget in ``TrialBudget.evaluation_fractions`` instead, where a multi-fidelity search
+asks for them. Every evaluation but the last is reported as an intermediate value, and
+the trial stops early when the report comes back "prune" (a pruner's decision, made in
+the study's process: see ``autobatch.process.trial_child``). Both backends run their loop through :func:`run_schedule`,
 so they train, evaluate, time and report alike; only the training of one window and
 the evaluation are theirs.
 """
@@ -38,9 +39,10 @@ Feed = Callable[[Iterator[list[Window]]], Iterator[tuple[Window, Any]]]
 class Segment:
     """Training up to one evaluation."""
 
-    step: int  # 1-based: the evaluation that ends it, the step Optuna's pruners see
+    step: int  # the step Optuna's pruners see: the evaluation's number, or the thousandths of the budget trained
     deadline_seconds: float | None  # training time at which it ends; None: when its windows run out
     final: bool
+    until_samples: int | None = None  # samples trained at which it ends; None: by time or when windows run out
 
 
 @dataclass
@@ -81,6 +83,18 @@ class TrialSchedule:
         return self.budget.train_seconds is not None
 
     def segments(self) -> list[Segment]:
+        fractions = self.budget.evaluation_fractions
+        if fractions:
+            # Steps in thousandths of the budget: a pruner's rungs then sit at the same share of every trial.
+            return [
+                Segment(
+                    step=round(1000 * share),
+                    deadline_seconds=self.budget.train_seconds * share if self.time_budgeted else None,
+                    final=share == 1.0,
+                    until_samples=None if self.time_budgeted else math.ceil(self.budget.train_samples * share),
+                )
+                for share in fractions
+            ]
         if not self.time_budgeted:
             return [Segment(step=1, deadline_seconds=None, final=True)]
         count = self.budget.evaluations
@@ -152,6 +166,8 @@ def run_schedule(
             deadline = segment.deadline_seconds
             if deadline is not None and outcome.train_seconds + time.perf_counter() - started >= deadline:
                 break
+            if segment.until_samples is not None and outcome.samples_trained >= segment.until_samples:
+                break
         outcome.train_seconds += time.perf_counter() - started
 
         progress.phase = "eval"
@@ -159,9 +175,14 @@ def run_schedule(
         eval_started = time.perf_counter()
         outcome.val_loss = evaluate()
         outcome.eval_seconds += time.perf_counter() - eval_started
-        if schedule.time_budgeted:
+        if schedule.time_budgeted or schedule.budget.evaluation_fractions:
             outcome.intermediate_losses.append(
-                {"step": segment.step, "train_seconds": outcome.train_seconds, "val_loss": outcome.val_loss}
+                {
+                    "step": segment.step,
+                    "train_seconds": outcome.train_seconds,
+                    "samples": outcome.samples_trained,
+                    "val_loss": outcome.val_loss,
+                }
             )
         stop = segment.final or not math.isfinite(outcome.val_loss)  # a diverged trial has nothing left to show
         if not stop and report_intermediate(progress, segment.step, outcome.val_loss, outcome.train_seconds):

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 from autobatch.core.config import TrialBudget, TrialConfig, TrialResult
 from autobatch.errors import AutobatchError, InvalidParameterError, StorageError, first_line
+from autobatch.search.fidelity import plan_fidelity
+from autobatch.search.horizon import Horizon
 from autobatch.search.objectives import Objective, get_objective
 from autobatch.search.probe import ProbeResult, find_memory_wall
 from autobatch.search.space import SearchSpace, scaled_learning_rate
@@ -49,6 +51,9 @@ class StudyPlan:
     make_worker: Callable[[int], TrialWorker]
     trial_timeout: float | None = None
     on_probe: Callable[[int, TrialResult], None] | None = None
+    #: what the study's time is planned on: trials this call runs, and the seconds it may take
+    n_trials: int | None = None
+    study_seconds: float | None = None
 
     def probe_and_create(self, storage, study_name: str, sampler: str, seed: int | None) -> None:
         """Probe the memory wall (and the noise scale, if needed), then create the study ready to join."""
@@ -62,6 +67,7 @@ class StudyPlan:
         ) as probe_worker:  # the noise probe reuses the worker the memory probe started
             probe = self._probe_memory_wall(probe_worker)
             self._learn_from_probe(probe)
+            self._plan_trial_lengths(probe)
             if self.needs_noise_probe():
                 noise = self._probe_noise_scale(probe_worker, probe.max_micro_batch)
         study = create_study(storage, study_name, sampler, seed, get_objective(settings["objective"]))
@@ -96,6 +102,24 @@ class StudyPlan:
         sizes = [int(e["worst_case_sample_size"]) for e in extras if e.get("worst_case_sample_size") is not None]
         if sizes:
             probe.worst_case_sample_size = max(sizes)
+
+    def _plan_trial_lengths(self, probe: ProbeResult) -> None:
+        """How far the search's trials train toward the horizon, from what the probes cost (search/fidelity.py)."""
+        settings = self.settings
+        if settings["objective"] == "time-to-target":  # its trials train a fixed time of their own
+            settings["fidelity"] = None
+            return
+        plan = plan_fidelity(
+            Horizon.from_dict(settings["horizon"]),
+            n_train=settings["n_train"],
+            base_batch_size=settings["base_batch_size"],
+            probes=probe.probes,
+            n_trials=self.n_trials,
+            study_seconds=None if self.study_seconds is None else self.study_seconds - probe.seconds,
+            max_trial_samples=settings.get("max_trial_samples"),
+            multi_fidelity=get_objective(settings["objective"]).prunes,
+        )
+        settings["fidelity"] = plan.to_dict()
 
     def needs_noise_probe(self) -> bool:
         """Goodput and the adascale rule need B_noise before the first trial: a noise probe measures it."""

@@ -37,8 +37,10 @@ def study_note(study, result) -> str:
         f"# autobatch: {settings.get('task', '?')} on {settings.get('backend', '?')} ({settings.get('device', '?')})",
         "",
     ]
-    if objective.name != "pareto":
-        lines += [f"Objective: **{objective.name}** ({objective_text(objective.name, settings)}).", ""]
+    lines += [f"Objective: **{objective.name}** ({objective_text(objective.name, settings)}).", ""]
+    horizon = horizon_lines(result)
+    if horizon:
+        lines += ["## Horizon", "", *horizon, ""]
     rec = result.recommended
     if rec:
         lines += [
@@ -102,6 +104,37 @@ def study_note(study, result) -> str:
     return "\n".join(lines) + "\n"
 
 
+def horizon_lines(result) -> list[str]:
+    """What run the recommendation is for, how far trials trained toward it, and how its loss there is known."""
+    horizon = getattr(result, "horizon", None)
+    if not horizon:
+        return []
+    given = "" if horizon.get("given") else " (the default, one epoch of the task's training split: give --horizon)"
+    share = horizon["top_share"]
+    lines = [f"Recommended for a run of {horizon['horizon']}{given}."]
+    if share >= 0.999:
+        lines.append("The longest trials trained the whole horizon.")
+    else:
+        lines.append(
+            f"The longest trials trained {share:.0%} of it ({horizon.get('reason')}); the loss at the horizon is "
+            "predicted from each trial's learning curve, L(n) = L_inf + b·n^-c."
+        )
+    rec = result.recommended
+    if rec and rec.get("loss_at_horizon") is not None:
+        lines.append(f"The recommended trial trained {rec.get('horizon_share', 0):.0%} of it: {_at_horizon(rec)}.")
+    if horizon.get("warning"):
+        lines.append(f"Warning: {horizon['warning']}.")
+    return lines
+
+
+def _at_horizon(trial: dict) -> str:
+    """A trial's loss at the horizon, and how it is known."""
+    loss, kind = trial["loss_at_horizon"], trial.get("loss_at_horizon_kind", "measured")
+    if kind == "predicted":
+        return f"loss at the horizon {loss:.4f} ± {trial['horizon_prediction']['spread']:.4f} (predicted)"
+    return f"loss at the horizon {loss:.4f} ({kind})"
+
+
 def objective_text(name: str, settings: dict) -> str:
     """One line on what the study optimizes."""
     if name == "goodput":
@@ -115,6 +148,8 @@ def objective_text(name: str, settings: dict) -> str:
             f"validation loss after {budget.get('train_seconds', '?')} s of training per trial, measured "
             f"{budget.get('evaluations', '?')} times; {settings.get('pruner', '?')} pruning"
         )
+    if name == "horizon":
+        return f"validation loss at the horizon; {settings.get('pruner', '?')} pruning toward it"
     return "throughput and validation loss"
 
 
@@ -188,13 +223,25 @@ def _excluded_text(study) -> str:
 
 
 def pareto_table(front: list[dict]) -> str:
+    """The front as a markdown table; with the horizon's columns where trials measured toward one."""
+    toward_horizon = any(p.get("loss_at_horizon") is not None for p in front)
     header = "| trial | micro-batch | accumulation | effective | learning rate | samples/s | val loss | peak memory |"
     rule = "|---:|---:|---:|---:|---:|---:|---:|---:|"
-    rows = [
-        f"| {p['trial_number']} | {p['micro_batch_size']} | {p['accumulation_steps']} | {p['effective_batch_size']} "
-        f"| {p['learning_rate']:.3g} | {p['throughput']:.1f} | {p['val_loss']:.4f} | {format_bytes(p['peak_memory_bytes'])} |"
-        for p in front
-    ]
+    if toward_horizon:
+        header += " trained | loss at horizon |"
+        rule += "---:|---|"
+    rows = []
+    for p in front:
+        row = (
+            f"| {p['trial_number']} | {p['micro_batch_size']} | {p['accumulation_steps']} | {p['effective_batch_size']} "
+            f"| {p['learning_rate']:.3g} | {p['throughput']:.1f} | {p['val_loss']:.4f} "
+            f"| {format_bytes(p['peak_memory_bytes'])} |"
+        )
+        if toward_horizon:
+            trained = p.get("horizon_share")
+            loss = _at_horizon(p).removeprefix("loss at the horizon ") if p.get("loss_at_horizon") is not None else "-"
+            row += f" {'-' if trained is None else format(trained, '.0%')} | {loss} |"
+        rows.append(row)
     return "\n".join([header, rule, *rows]) if rows else "(empty)"
 
 
@@ -205,6 +252,7 @@ def summary_text(result) -> str:
     lines = [
         f"study {result.study_name!r} in {result.storage}",
         f"objective: {objective} ({objective_text(objective, settings)})",
+        *horizon_lines(result),
         f"memory budget {format_bytes(result.memory_budget_bytes)}; largest micro-batch that fits: "
         f"{result.max_micro_batch}{_worst_case_text(result)}",
         f"{result.n_trials} trials, {result.n_oom_trials} out of memory, {result.n_failed_trials} failed{_pruned_text(result)}",

@@ -1,6 +1,13 @@
-"""What a study optimizes: ``objective="pareto"``, ``"goodput"`` or ``"time-to-target"``.
+"""What a study optimizes: ``objective="horizon"``, ``"pareto"``, ``"goodput"`` or ``"time-to-target"``.
 
-- ``pareto`` (the default): two objectives, throughput up and the validation loss after a
+- ``horizon`` (the default): the validation loss at the end of the run the user will make
+  (:mod:`autobatch.search.horizon`), down. Trials train toward that horizon and are
+  evaluated on the way, and a successive-halving pruner stops those that trail
+  (:mod:`autobatch.search.fidelity`). Recommended: the feasible trial, among those that
+  trained furthest, with the lowest loss at the horizon (measured where trials reached it,
+  else predicted from its learning curve: :mod:`autobatch.search.curves`); losses within
+  the loss tolerance of the best count as a tie, which the faster config wins.
+- ``pareto``: two objectives, throughput up and the validation loss after a
   fixed number of samples down. Recommended: the fastest feasible Pareto trial whose loss
   is within the loss tolerance of the best. Throughput alone would reward the largest
   batch; loss after fixed samples penalises it; the front shows the trade.
@@ -26,7 +33,8 @@ from typing import Literal
 
 from autobatch._validation import StrOptions, check_param
 
-OBJECTIVES = ("pareto", "goodput", "time-to-target")
+OBJECTIVES = ("horizon", "pareto", "goodput", "time-to-target")
+DEFAULT_OBJECTIVE = "horizon"
 PRUNERS = ("successive-halving", "hyperband", "none")
 #: the validation loss recorded for trials that did not produce one (OOM, skipped, diverged)
 PLACEHOLDER_LOSS = 1e3
@@ -127,7 +135,42 @@ class TimeToTargetObjective(Objective):
         )
 
 
-_BY_NAME = {objective.name: objective for objective in (ParetoObjective(), GoodputObjective(), TimeToTargetObjective())}
+class HorizonObjective(Objective):
+    name = "horizon"
+    directions = ("minimize",)
+    metric_names = ("validation loss at the trial's full length",)
+    prunes = True
+
+    def values(self, throughput, val_loss, efficiency):
+        return (val_loss,)
+
+    def placeholder(self):
+        return (PLACEHOLDER_LOSS,)
+
+    def recommend(self, feasible, loss_tolerance):
+        # Only the trials that trained furthest compete: a shorter one was stopped for trailing at a rung.
+        ranked = [t for t in feasible if t.user_attrs.get("loss_at_horizon") is not None]
+        if not ranked:
+            return None
+        furthest = max(t.user_attrs.get("horizon_share", 0.0) for t in ranked)
+        ranked = [t for t in ranked if t.user_attrs.get("horizon_share", 0.0) >= 0.9 * furthest]
+        best = min(t.user_attrs["loss_at_horizon"] for t in ranked)
+        allowed = best + loss_tolerance * abs(best)
+        tied = [t for t in ranked if t.user_attrs["loss_at_horizon"] <= allowed]
+        return max(tied, key=lambda t: measured(t)[0])
+
+    def rule_text(self, loss_tolerance):
+        return (
+            "Rule: among the feasible trials that trained furthest toward the horizon, the lowest validation loss "
+            f"at the horizon (measured, or predicted from the trial's learning curve); losses within "
+            f"{loss_tolerance:.0%} of the best count as a tie, which the faster config wins."
+        )
+
+
+_BY_NAME = {
+    objective.name: objective
+    for objective in (HorizonObjective(), ParetoObjective(), GoodputObjective(), TimeToTargetObjective())
+}
 
 
 def get_objective(name: str) -> Objective:
@@ -141,12 +184,13 @@ def check_pruner(name: str) -> str:
     return name
 
 
-def make_pruner(name: str, evaluations: int):
-    """Optuna's pruner for a time-to-target study whose trials evaluate ``evaluations`` times.
+def make_pruner(name: str, evaluations: int, first_step: int = 1):
+    """Optuna's pruner for a study whose trials report ``evaluations`` steps, the first at ``first_step``.
 
-    Steps are evaluation numbers 1..evaluations; the first rung is the first evaluation,
-    each next rung ``REDUCTION_FACTOR`` times later. Pruners keep no state of their own
-    (rungs are trial system attrs in the storage), so every worker makes its own.
+    A time-to-target trial reports its evaluations' numbers 1..evaluations; a horizon trial
+    reports the thousandths of its length trained, the first rung at ``first_step``. Either
+    way each next rung is ``REDUCTION_FACTOR`` times later. Pruners keep no state of their
+    own (rungs are trial system attrs in the storage), so every worker makes its own.
     """
     import optuna
 
@@ -154,20 +198,25 @@ def make_pruner(name: str, evaluations: int):
     if name == "none":
         return optuna.pruners.NopPruner()
     if name == "hyperband":
+        last = 1000 if first_step > 1 else max(evaluations, 1)
         return optuna.pruners.HyperbandPruner(
-            min_resource=1, max_resource=max(evaluations, 1), reduction_factor=REDUCTION_FACTOR
+            min_resource=first_step, max_resource=last, reduction_factor=REDUCTION_FACTOR
         )
     return optuna.pruners.SuccessiveHalvingPruner(
-        min_resource=1, reduction_factor=REDUCTION_FACTOR, min_early_stopping_rate=0
+        min_resource=first_step, reduction_factor=REDUCTION_FACTOR, min_early_stopping_rate=0
     )
 
 
 def measured(trial) -> tuple[float, float]:
-    """(throughput, validation loss) a trial measured, whatever its objective's values are."""
+    """(throughput, validation loss) a trial measured, whatever its objective's values are.
+
+    Toward a horizon the loss is the one at the horizon (measured there, or predicted), so the
+    front shows the trade the recommendation is about: throughput against the run's final loss.
+    """
     if trial.values is not None and len(trial.values) == 2:
         return float(trial.values[0]), float(trial.values[1])  # the pareto objective's values are just that
     attrs = trial.user_attrs
-    loss = attrs.get("val_loss")
+    loss = attrs.get("loss_at_horizon", attrs.get("val_loss"))
     return float(attrs.get("samples_per_second") or 0.0), float(loss) if loss is not None else math.nan
 
 

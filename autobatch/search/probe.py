@@ -154,6 +154,10 @@ def find_memory_wall(
                 "accumulation_steps": result.config.accumulation_steps,
                 "status": result.status,
                 "peak_memory_bytes": result.peak_memory_bytes,
+                # what a trial costs, which plans how far the search's trials can train (search/fidelity.py)
+                "samples_per_second": result.samples_per_second,
+                "samples_trained": result.samples_trained,
+                "seconds": result.timings.get("wall"),
             }
         )
         if result.status == "error":

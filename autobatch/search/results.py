@@ -64,6 +64,9 @@ class TuneResult:
     n_pruned_trials: int = 0
     #: the critical batch size: {"b_simple", "trials", "windows", "per_trial_range", "probe"}; None if unmeasured
     noise_scale: dict | None = None
+    #: the run the recommendation is for and how far trials trained toward it:
+    #: {"horizon", "top_share", "reason", "recommended_share", "warning"}; None for a study without one
+    horizon: dict | None = None
 
     @property
     def study_name(self) -> str:
@@ -92,6 +95,7 @@ class TuneResult:
             "objective": self.objective,
             "n_pruned_trials": self.n_pruned_trials,
             "noise_scale": self.noise_scale,
+            "horizon": self.horizon,
         }
 
 
@@ -129,7 +133,33 @@ def summarize(study, storage: str) -> TuneResult:
         objective=objective.name,
         n_pruned_trials=len(pruned),
         noise_scale=critical_batch_size(study, [*complete, *pruned]),
+        horizon=horizon_summary(settings, recommended),
     )
+
+
+def horizon_summary(settings: dict, recommended) -> dict | None:
+    """The horizon a study's recommendation is for, how far its trials could train, and a warning
+    when the recommendation rests on trials that trained less of it than ``MIN_HORIZON_SHARE``."""
+    if not settings.get("fidelity"):
+        return None
+    from autobatch.search.fidelity import MIN_HORIZON_SHARE, FidelityPlan
+
+    plan = FidelityPlan.from_dict(settings["fidelity"])
+    summary: dict[str, Any] = {
+        "horizon": str(plan.horizon),
+        "top_share": plan.top_share,
+        "reason": plan.reason,
+        "given": bool(settings.get("horizon_given")),
+    }
+    if recommended is not None:
+        share = recommended.user_attrs.get("horizon_share")
+        summary["recommended_share"] = share
+        if share is not None and share < MIN_HORIZON_SHARE:
+            summary["warning"] = (
+                f"the recommendation rests on trials that trained {share:.0%} of the horizon, less than the "
+                f"{MIN_HORIZON_SHARE:.0%} it should: give the study more time (--study-time) or a shorter horizon"
+            )
+    return summary
 
 
 def load_study_result(storage: str, study_name: str) -> TuneResult:
@@ -232,6 +262,10 @@ def trial_outcome(
         return attrs, objective.placeholder(), constraint, False
     if objective.name == "goodput":
         attrs.update(statistical_efficiency=efficiency, goodput=throughput * efficiency)
+    if settings.get("fidelity"):
+        from autobatch.search.fidelity import FidelityPlan, horizon_attrs
+
+        attrs.update(horizon_attrs(FidelityPlan.from_dict(settings["fidelity"]), config, result))
     return attrs, objective.values(throughput, float(loss), efficiency), constraint, False
 
 
@@ -301,7 +335,15 @@ def _describe(trial) -> dict:
         "peak_memory_bytes": attrs.get("peak_memory_bytes"),
         "telemetry": {key: value for key, value in attrs.items() if key in TELEMETRY_ATTRS},
     }
-    for key in ("goodput", "statistical_efficiency", "noise_scale"):
+    for key in (
+        "goodput",
+        "statistical_efficiency",
+        "noise_scale",
+        "loss_at_horizon",
+        "loss_at_horizon_kind",
+        "horizon_share",
+        "horizon_prediction",
+    ):
         if key in attrs:
             described[key] = attrs[key]
     return described

@@ -12,10 +12,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from autobatch.core.config import TrialConfig, TrialResult
+from autobatch.core.config import TrialBudget, TrialConfig, TrialResult
 from autobatch.core.noise import statistical_efficiency
 from autobatch.errors import AutobatchError
 from autobatch.search import coordination
+from autobatch.search.fidelity import FidelityPlan
 from autobatch.search.note import write_note
 from autobatch.search.objectives import get_objective
 from autobatch.search.probe import ProbeResult
@@ -59,6 +60,9 @@ class SearchRunner:
         self.refinements = 0
         self.objective = get_objective(settings["objective"])
         self.noise_scale = study_noise_scale(study)
+        self.trial_budget = TrialBudget.from_dict(settings["trial_budget"])
+        stored_plan = settings.get("fidelity")
+        self.fidelity = None if stored_plan is None else FidelityPlan.from_dict(stored_plan)
 
     def optimize(
         self,
@@ -69,7 +73,7 @@ class SearchRunner:
     ) -> None:
         """Run ``n_trials`` here, or until ``timeout``, or until the study holds ``study_trials`` complete trials.
 
-        ``run(config, on_report)`` runs one trial in a worker and returns its result.
+        ``run(config, budget, on_report)`` runs one trial in a worker and returns its result.
         """
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
@@ -124,7 +128,7 @@ class SearchRunner:
                 skipped = config.micro_batch_size > self.probe.max_micro_batch and predicted > budget_bytes * (
                     1 - self.settings["safety_margin"]
                 )
-                result = None if skipped else run(config, self._reporter(trial))
+                result = None if skipped else run(config, self.budget_for(config), self._reporter(trial))
         except KeyboardInterrupt:
             # The worker has killed the trial's process; FAIL it and queue it for a resumed study.
             reason = f"interrupted (Ctrl-C) in worker {coordination.worker_label()}"
@@ -175,6 +179,12 @@ class SearchRunner:
             )
         with coordination.study_lock(self.study):  # workers take turns: a note is several storage rows
             write_note(self.study, summarize(self.study, ""), during_search=True)
+
+    def budget_for(self, config: TrialConfig) -> TrialBudget:
+        """How far a trial of ``config`` trains and where it is evaluated: toward the study's horizon."""
+        if self.fidelity is None:
+            return self.trial_budget
+        return self.fidelity.budget_for(config, self.trial_budget)
 
     def _suggest(self, trial) -> TrialConfig:
         return self.space.suggest(

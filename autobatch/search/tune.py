@@ -34,6 +34,8 @@ from autobatch.search.coordination import (
     complete_trial_count,
     create_once,
 )
+from autobatch.search.fidelity import RUNGS, FidelityPlan
+from autobatch.search.horizon import DEFAULT_HORIZON, Horizon
 from autobatch.search.local_workers import (
     check_worker_options,
     check_workers_fit,
@@ -44,7 +46,7 @@ from autobatch.search.local_workers import (
 )
 from autobatch.search.new_study import StudyPlan, announce, load_with_sampler
 from autobatch.search.note import write_note
-from autobatch.search.objectives import OBJECTIVES, PRUNERS, get_objective, make_pruner
+from autobatch.search.objectives import DEFAULT_OBJECTIVE, OBJECTIVES, PRUNERS, get_objective, make_pruner
 from autobatch.search.probe import ProbeResult
 from autobatch.search.results import TrialRecord, TuneResult, summarize
 from autobatch.search.runner import SearchRunner
@@ -64,6 +66,7 @@ DEFAULT_PRUNER = "successive-halving"
         "sampler": StrOptions(SAMPLERS),
         "objective": [StrOptions(OBJECTIVES), None],
         "pruner": [StrOptions(PRUNERS), None],
+        "max_trial_samples": [Interval(int, 1, None), None],
     }
 )
 def tune(
@@ -91,6 +94,8 @@ def tune(
     grace_period: int | None = DEFAULT_GRACE_PERIOD,
     objective: str | None = None,
     pruner: str | None = None,
+    horizon: str | Horizon | None = None,
+    max_trial_samples: int | None = None,
 ) -> TuneResult:
     """Find the micro-batch, accumulation and learning rate that train ``task`` fastest within budget.
 
@@ -110,14 +115,23 @@ def tune(
     own. A task whose validation loss is NaN or infinite in every probe (at its own base
     learning rate) is an error: no configuration could be ranked.
 
-    ``objective`` (:mod:`autobatch.search.objectives`): ``"pareto"`` (throughput and validation
-    loss; the default for a new study), ``"goodput"`` (throughput × statistical
-    efficiency from the gradient noise scale) or ``"time-to-target"`` (validation loss
-    within ``trial_budget.train_seconds`` of training, with ``pruner``
-    ``"successive-halving"`` (default), ``"hyperband"`` or ``"none"`` stopping weak trials
-    at intermediate evaluations). Without them, an existing study keeps its own. Every
-    trial that accumulates estimates the gradient noise scale; the note reports the
-    critical batch size.
+    ``horizon`` (:mod:`autobatch.search.horizon`) is how long the user's real run trains:
+    ``"3ep"``, ``"200k samples"``, ``"5000 steps"``, ``"2h"``; the recommendation is for
+    that run. Without it, one epoch of the task's training split, and the result says so.
+    Trials train toward it (:mod:`autobatch.search.fidelity`): all of it where ``timeout``
+    (the study's time) allows, else the share that fits, and never more than
+    ``max_trial_samples`` samples a trial where that is given; where they stop short, the
+    loss at the horizon is predicted from each trial's learning curve.
+
+    ``objective`` (:mod:`autobatch.search.objectives`): ``"horizon"`` (the default for a
+    new study: the validation loss at the horizon, trials continued toward it by successive
+    halving), ``"pareto"`` (throughput and validation loss after each trial's share of the
+    horizon), ``"goodput"`` (throughput × statistical efficiency from the gradient noise
+    scale) or ``"time-to-target"`` (validation loss within ``trial_budget.train_seconds`` of
+    training). ``pruner``: ``"successive-halving"`` (default), ``"hyperband"`` or ``"none"``
+    stops weak trials at intermediate evaluations (horizon, time-to-target). Without them, an
+    existing study keeps its own. Every trial that accumulates estimates the gradient noise
+    scale; the note reports the critical batch size.
     """
     from autobatch.core.devices import default_device
     from autobatch.core.registry import backend_path
@@ -130,6 +144,7 @@ def tune(
     check_worker_options(n_workers, study_trials, heartbeat_interval, grace_period)
     search_space = search_space or SearchSpace()
     trial_budget = trial_budget or TrialBudget()
+    parsed_horizon = None if horizon is None else Horizon.parse(horizon)
     task = task_path(task)  # a factory given as an object travels to the workers by its import path
     workload = load_task(task)
     backend = task_framework(workload, backend)
@@ -156,8 +171,11 @@ def tune(
         # A task's optimizer is built in a trial: its family, and the rule it implies, come from the
         # first probe (StudyPlan._learn_from_probe) unless the task or the search space names the rule.
         "optimizer": workload.optimizer if isinstance(workload, Workload) else None,
-        "objective": objective or "pareto",
+        "objective": objective or DEFAULT_OBJECTIVE,
         "pruner": pruner or DEFAULT_PRUNER,
+        "horizon": (parsed_horizon or DEFAULT_HORIZON).to_dict(),
+        "horizon_given": parsed_horizon is not None,
+        "max_trial_samples": max_trial_samples,
     }
     settings["lr_rule"] = _initial_rule(search_space, workload, settings["optimizer"], settings["objective"])
     _check_objective_settings(settings, trial_budget)
@@ -175,7 +193,9 @@ def tune(
     storage_existed = storage_file_exists(storage_url)
     storage_handle = open_storage(storage_url, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
     storage_seconds = time.perf_counter() - storage_started
-    plan = StudyPlan(settings, workload, search_space, trial_budget, make_worker, trial_timeout, on_probe)
+    plan = StudyPlan(
+        settings, workload, search_space, trial_budget, make_worker, trial_timeout, on_probe, n_trials, timeout
+    )
 
     def probe_and_create() -> None:
         announce(budget_line)
@@ -186,8 +206,9 @@ def tune(
         created = create_once(storage_handle, study_name, probe_and_create, lock_grace=lock_grace)
         study = load_with_sampler(storage_handle, study_name, sampler, seed)
         if not created:
-            # A worker that names no objective, pruner or rule joins with the study's own.
+            # A worker that names no objective, pruner, rule or horizon joins with the study's own.
             trial_budget = _adopt_study_settings(study, settings, trial_budget, search_space, objective, pruner)
+            _adopt_study_horizon(study, settings, parsed_horizon)
         pruner_for_study = _study_pruner(settings, trial_budget)
         if pruner_for_study is not None:
             study.pruner = pruner_for_study
@@ -224,8 +245,8 @@ def tune(
     else:
         with make_worker(settings["memory_budget_bytes"]) as search_worker:
 
-            def run_trial(config: TrialConfig, on_report=None) -> TrialResult:
-                return search_worker.run(config, trial_budget, timeout=trial_timeout, on_report=on_report)
+            def run_trial(config: TrialConfig, budget: TrialBudget, on_report=None) -> TrialResult:
+                return search_worker.run(config, budget, timeout=trial_timeout, on_report=on_report)
 
             runner.optimize(run_trial, n_trials, timeout, study_trials)
     result = summarize(study, redact(storage_url))
@@ -320,6 +341,21 @@ def _adopt_study_settings(study, settings: dict, trial_budget: TrialBudget, spac
     return trial_budget
 
 
+def _adopt_study_horizon(study, settings: dict, given: Horizon | None) -> None:
+    """Join with the study's horizon and the trial lengths planned for it; a different horizon is refused."""
+    stored = study.user_attrs.get("autobatch", {})
+    if given is not None and stored.get("horizon_given") and Horizon.from_dict(stored["horizon"]) != given:
+        raise StorageError(
+            f"study_name={study.study_name!r} was made for horizon={str(Horizon.from_dict(stored['horizon']))!r}, "
+            f"not {str(given)!r}; use another study name to search for a different run"
+        )
+    for key in ("horizon", "horizon_given", "fidelity", "max_trial_samples"):
+        if key in stored:
+            settings[key] = stored[key]
+    if "horizon" not in stored:  # a study from before horizons trained every trial the same samples
+        settings["fidelity"] = None
+
+
 def _adopt_study_budget(study, settings: dict) -> str:
     """Take the stored study's memory budget into ``settings``; returns the line that says so."""
     stored = study.user_attrs.get("autobatch", {})
@@ -346,9 +382,11 @@ def _check_same_kind(study, settings: dict) -> None:
 
 
 def _study_pruner(settings: dict, trial_budget: TrialBudget):
-    """The pruner for a time-to-target study; None otherwise (no trial reports to one)."""
+    """The pruner for a horizon or time-to-target study; None otherwise (no trial reports to one)."""
     if not get_objective(settings["objective"]).prunes:
         return None
+    if settings.get("fidelity"):  # trials report the thousandths of their length trained
+        return make_pruner(settings["pruner"], RUNGS, FidelityPlan.from_dict(settings["fidelity"]).first_step)
     return make_pruner(settings["pruner"], trial_budget.evaluations)
 
 
