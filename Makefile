@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: venv
-	$(VENV)/bin/autobatch tune digits-cnn --backend torch --memory-budget 1GiB --trials 12 --study-name demo-digits-cnn
+	$(VENV)/bin/autobatch tune digits-cnn --backend torch --memory-budget 1GiB --horizon 20ep --trials 12 --study-name demo-digits-cnn-20ep
 
 test: venv
 	$(PY) -m pytest

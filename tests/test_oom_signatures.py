@@ -111,6 +111,7 @@ DEATHS = {
     3: ("print", "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED", "kill"),
     4: ("print", CUBLAS_INVALID, "abort"),
     5: ("silent", "", "segv"),
+    6: ("print", "LLVM ERROR: pthread_create failed: Resource temporarily unavailable", "abort"),
 }
 
 
@@ -165,12 +166,16 @@ def test_the_worker_takes_a_child_that_died_printing_an_oom_signature_as_oom():
         3: ("oom", "train"),
         4: ("error", None),
         5: ("error", None),
+        6: ("error", None),  # no budget: a limit on threads, not on memory
     }
 
     # A silent crash in training under a CPU budget: a failed allocation in native code.
     with TrialWorker(f"{__name__}:dying_task", "torch", memory_budget="4GiB", device="cpu") as worker:
         crashed = worker.run(TrialConfig(5), budget)
         invalid = worker.run(TrialConfig(4), budget)
+        no_thread = worker.run(TrialConfig(6), budget)
     assert (crashed.status, crashed.oom_phase) == ("oom", "train"), crashed.error
+    # Under a CPU budget a thread's stack counts against RLIMIT_DATA: no thread, no memory.
+    assert (no_thread.status, no_thread.oom_phase) == ("oom", "train"), no_thread.error
     assert "SIGSEGV" in crashed.error and "taken as out of memory" in crashed.error
     assert invalid.status == "error"  # a library's other failure, logged, is not an OOM for being budgeted

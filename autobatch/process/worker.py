@@ -67,6 +67,11 @@ OOM_SIGNATURES = (
     "CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED",
 )
 
+# Under a CPU budget, a thread's stack is a mapping that RLIMIT_DATA counts: a runtime that cannot
+# start a thread has run out of budget (TensorFlow's LLVM aborted so in a probe at 188 x 8 on
+# synthetic-images under 1 GiB). Without a budget the same text means a limit on threads, not memory.
+CPU_BUDGET_OOM_SIGNATURES = ("pthread_create failed", "Resource temporarily unavailable")
+
 _POLL_SECONDS = 0.02
 #: how long past a trial's time limit a child may take to import the framework and load the task
 LOAD_ALLOWANCE_SECONDS = 600.0
@@ -354,7 +359,7 @@ def _result_without_report(
     if os.WIFSIGNALED(status):
         number = os.WTERMSIG(status)
         name = signal.Signals(number).name if number in signal.Signals._value2member_map_ else str(number)
-        oom = any(sig in logged for sig in OOM_SIGNATURES)
+        oom = _logged_oom(logged, cpu_budget)
         reason = f"worker killed by {name}"
         if number == signal.SIGKILL:
             reason += " (by the kernel's OOM killer, or by another process)"
@@ -367,9 +372,16 @@ def _result_without_report(
             return TrialResult(status="oom", config=config, oom_phase=phase, error=f"{reason}: {last_line(logged)}")
         return TrialResult(status="error", config=config, error=reason + (f": {last_line(logged)}" if logged else ""))
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
-    if any(sig in logged for sig in OOM_SIGNATURES):
+    if _logged_oom(logged, cpu_budget):
         return TrialResult(status="oom", config=config, oom_phase=phase, error=last_line(logged))
     detail = last_line(logged) or "no output"
     return TrialResult(
         status="error", config=config, error=f"worker exited with code {code} without a result: {detail}"
     )
+
+
+def _logged_oom(logged: str, cpu_budget: bool) -> bool:
+    """Whether what a dying child logged says it ran out of memory (thread creation counts under a CPU budget)."""
+    if any(sig in logged for sig in OOM_SIGNATURES):
+        return True
+    return cpu_budget and all(sig in logged for sig in CPU_BUDGET_OOM_SIGNATURES)
