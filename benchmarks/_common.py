@@ -196,6 +196,10 @@ def _own_cpu_seconds() -> float:
     )
 
 
+#: for scripts that time spans of their own (benchmarks/horizon.py)
+own_cpu_seconds = _own_cpu_seconds
+
+
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]], align: str | None = None) -> str:
     """A GitHub markdown table; ``align`` has one letter per column, l or r (default: first l, rest r)."""
     align = align or "l" + "r" * (len(headers) - 1)
