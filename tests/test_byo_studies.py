@@ -55,7 +55,7 @@ def test_tiny_gpt2_finds_its_wall_on_the_longest_sequences(tmp_path):
     from autobatch.studies.tiny_gpt2 import MAX_LENGTH, token_sequences
 
     train, _ = token_sequences()
-    result = _tune("tiny-gpt2", "torch", "1GiB", tmp_path)
+    result = _tune("tiny-gpt2", "torch", "850MiB", tmp_path)
 
     _assert_found_a_wall_and_a_feasible_config(result, len(train))
     longest = max(len(sequence) for sequence in train)
@@ -69,7 +69,7 @@ def test_resnet18_with_batch_norm_never_trains_on_one_sample(tmp_path):
     from autobatch.studies.resnet18 import TRAIN_SAMPLES
 
     # One step per window: the wall's confirmation at a larger accumulation is tests/test_wall.py's to check.
-    result = _tune("resnet18", "torch", "1GiB", tmp_path, space=SearchSpace(max_accumulation=1))
+    result = _tune("resnet18", "torch", "800MiB", tmp_path, space=SearchSpace(max_accumulation=1))
 
     _assert_found_a_wall_and_a_feasible_config(result, TRAIN_SAMPLES)
     assert result.worst_case_sample_size is None  # images of one size: any window is the worst

@@ -283,6 +283,8 @@ def test_cli_tune_on_synthetic_images_then_resume_without_probing_again(run_cli,
         "6",
         "--samples",
         "256",
+        "--max-accumulation",  # the wall's confirmation at the largest accumulation is tests/test_wall.py's to check
+        "2",
         "--storage",
         f"sqlite:///{tmp_path}/a.db",
         "--study-name",

@@ -276,7 +276,7 @@ def test_cli_tune_digits_cnn_on_tensorflow_recommends_a_feasible_config(run_cli,
         "--backend",
         "tensorflow",
         "--trials",
-        "12",
+        "8",
         "--samples",
         "1024",
         "--memory-budget",
@@ -291,4 +291,4 @@ def test_cli_tune_digits_cnn_on_tensorflow_recommends_a_feasible_config(run_cli,
     recommended = result["recommended"]
     assert recommended is not None
     assert recommended["peak_memory_bytes"] <= result["memory_budget_bytes"]
-    assert result["n_trials"] == 12 and result["n_oom_trials"] == 0  # the probe's wall holds in the search
+    assert result["n_trials"] == 8 and result["n_oom_trials"] == 0  # the probe's wall holds in the search
