@@ -113,10 +113,10 @@ class GoodputObjective(Objective):
         )
 
 
-class TimeToTargetObjective(Objective):
-    name = "time-to-target"
+class _PrunedLossObjective(Objective):
+    """One objective, the validation loss at a trial's end, with intermediate losses for a pruner."""
+
     directions = ("minimize",)
-    metric_names = ("validation loss within the time budget",)
     prunes = True
 
     def values(self, throughput, val_loss, efficiency):
@@ -124,6 +124,11 @@ class TimeToTargetObjective(Objective):
 
     def placeholder(self):
         return (PLACEHOLDER_LOSS,)
+
+
+class TimeToTargetObjective(_PrunedLossObjective):
+    name = "time-to-target"
+    metric_names = ("validation loss within the time budget",)
 
     def recommend(self, feasible, loss_tolerance):
         return min(feasible, key=lambda t: t.values[0], default=None)
@@ -135,17 +140,9 @@ class TimeToTargetObjective(Objective):
         )
 
 
-class HorizonObjective(Objective):
+class HorizonObjective(_PrunedLossObjective):
     name = "horizon"
-    directions = ("minimize",)
     metric_names = ("validation loss at the trial's full length",)
-    prunes = True
-
-    def values(self, throughput, val_loss, efficiency):
-        return (val_loss,)
-
-    def placeholder(self):
-        return (PLACEHOLDER_LOSS,)
 
     def recommend(self, feasible, loss_tolerance):
         # Only the trials that trained furthest compete: a shorter one was stopped for trailing at a rung.
