@@ -20,8 +20,9 @@ PACKAGE_FOLDERS = {"autobatch": "autobatch", "autobatch.backends": "backends", "
 # Stages from the top of the flow to the bottom: a module may import its own stage and the
 # stages below it, never one above. Stages that share a rank sit side by side.
 STAGE_RANKS = {
-    "autobatch.cli": 6,
-    "autobatch.__main__": 6,
+    "autobatch.cli": 7,
+    "autobatch.integrations": 6,
+    "autobatch.__main__": 7,
     "autobatch.search": 5,
     "autobatch.training": 5,
     "autobatch.report": 5,
