@@ -52,6 +52,32 @@ class Recommendation:
     def to_dict(self) -> dict:
         return {**asdict(self), "effective_batch_size": self.effective_batch_size}
 
+    def as_huggingface(self) -> dict:
+        """``transformers.TrainingArguments`` fields (per device: the budget the study measured is one device's)."""
+        fields = {
+            "per_device_train_batch_size": self.micro_batch_size,
+            "gradient_accumulation_steps": self.accumulation_steps,
+            "learning_rate": self.learning_rate,
+        }
+        if self.eval_batch_size is not None:
+            fields["per_device_eval_batch_size"] = self.eval_batch_size
+        return fields
+
+    def as_keras(self) -> dict:
+        """``model.fit``'s ``batch_size`` and the optimizer's accumulation steps and learning rate."""
+        return {
+            "batch_size": self.micro_batch_size,
+            "optimizer": {"gradient_accumulation_steps": self.accumulation_steps, "learning_rate": self.learning_rate},
+        }
+
+    def as_lightning(self, batch_arg_name: str = "batch_size", lr_attr_name: str = "lr") -> dict:
+        """A LightningCLI-style config: the DataModule's batch size, the Trainer's accumulation, the module's rate."""
+        return {
+            "trainer": {"accumulate_grad_batches": self.accumulation_steps},
+            "model": {"init_args": {lr_attr_name: self.learning_rate}},
+            "data": {"init_args": {batch_arg_name: self.micro_batch_size}},
+        }
+
     def describe(self) -> str:
         where = f" (study {self.study_name!r})" if self.study_name else ""
         return (
