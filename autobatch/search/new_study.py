@@ -24,7 +24,7 @@ from autobatch.errors import AutobatchError, InvalidParameterError, StorageError
 from autobatch.search.fidelity import plan_fidelity
 from autobatch.search.horizon import Horizon
 from autobatch.search.objectives import Objective, get_objective
-from autobatch.search.probe import ProbeResult, find_memory_wall
+from autobatch.search.probe import ProbeResult, find_memory_wall, probe_budget
 from autobatch.search.space import SearchSpace, scaled_learning_rate
 from autobatch.tasks.optimizers import optimizer_family
 
@@ -128,18 +128,15 @@ class StudyPlan:
     def _probe_memory_wall(self, worker: TrialWorker) -> ProbeResult:
         workload, space = self.workload, self.search_space
         losses: list[float] = []
-        # A probe trains and evaluates exactly as a search trial will: the peak also
-        # depends on the optimizer's state, evaluation, and the allocator's
-        # fragmentation when training resumes after it (a shorter probe was seen to
-        # pass at a micro-batch whose full trial then ran out of memory). A time budget
-        # is run as a sample budget here: the peak depends on the config, not on how
-        # long it trains, and near the wall the few windows leave timing windows that
-        # resume training after evaluation, as a time-budgeted trial does.
-        probe_budget = dataclasses.replace(self.trial_budget, train_seconds=None)
 
-        def run_probe(micro_batch: int, accumulation: int = 1) -> TrialResult:
+        # A probe stops once it has reached its peak (search/probe.py: probe_budget); the wall
+        # it finds is then confirmed with one full trial, as the search runs them, at the
+        # largest accumulation searched. A time budget is run as samples in both: the peak
+        # depends on the config, not on how long it trains.
+        def run_probe(micro_batch: int, accumulation: int = 1, *, full: bool = False) -> TrialResult:
             config = TrialConfig(micro_batch, accumulation, workload.base_learning_rate)
-            result = worker.run(config, probe_budget, timeout=self.trial_timeout)
+            budget = probe_budget(self.trial_budget, config, full=full)
+            result = worker.run(config, budget, timeout=self.trial_timeout)
             if result.status == "ok" and result.val_loss is not None:
                 losses.append(result.val_loss)
             if result.status == "ok":
@@ -155,10 +152,8 @@ class StudyPlan:
             safety_margin=self.settings["safety_margin"],
             upper_limit=ceiling,
             on_probe=self.on_probe,
-            # The wall must hold for every searched config: confirmed at the largest accumulation.
-            confirm=functools.partial(run_probe, accumulation=space.max_accumulation)
-            if space.max_accumulation > 1
-            else None,
+            # The wall must hold for every searched config: confirmed with a full trial at the largest accumulation.
+            confirm=functools.partial(run_probe, accumulation=space.max_accumulation, full=True),
         )
         if space.min_micro_batch > probe.max_micro_batch:
             raise InvalidParameterError(

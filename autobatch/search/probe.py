@@ -6,20 +6,26 @@ runtime are fixed; activations grow with every sample), so a few small probes fi
 wall, and one or two real probes confirm it. Every probe runs in a trial worker, so
 an OOM on the way never touches the caller's process.
 
-The probes run at one accumulation step; the search runs up to its largest. Nothing a
-backend holds should grow with the steps (each micro-batch is fetched when it is used),
-but a model's or an allocator's may: so the wall is last confirmed at the largest
-accumulation searched, and lowered until it holds there too.
+A probe needs the peak, not the throughput or the loss, so it stops when it knows
+(:func:`probe_budget`): two windows (the first builds the optimizer's state, the second
+runs with it), an evaluation of a few batches at the evaluation batch size, one more
+window (training resumes after evaluation: the allocator's fragmentation, which a probe
+without it once missed), and the windows that time it. The probes run at one accumulation
+step; the search runs up to its largest. Nothing a backend holds should grow with the steps
+(each micro-batch is fetched when it is used), but a model's or an allocator's may: so the
+wall is last confirmed with a full trial at the largest accumulation searched, and lowered
+until it holds there too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from autobatch.core.config import TrialConfig, TrialResult
+from autobatch.core.config import TrialBudget, TrialConfig, TrialResult
 from autobatch.errors import AutobatchError
 
 ProbeRunner = Callable[[int], TrialResult]
@@ -27,10 +33,51 @@ ProbeRunner = Callable[[int], TrialResult]
 #: micro-batch sizes of the first two probes, before the fit says where to look
 FIRST_PROBES = (4, 32)
 MAX_CONFIRMATIONS = 8
+#: probes past the first two: each is a short run now (probe_budget), so a bracket can be pinned down
+MAX_SEARCH_PROBES = 10
 #: stop once the wall is pinned down to this share of the micro-batch
 CLOSE_ENOUGH = 0.02
 #: how far past the model's wall to look when no larger probe has failed yet
 STALL_STEP = 0.03
+#: windows a probe trains, with an evaluation after the first (see probe_budget)
+PROBE_WINDOWS = 2
+#: batches a probe evaluates, at the evaluation batch size: the first holds the eval peak,
+#: the second runs with what the first left behind
+PROBE_EVAL_BATCHES = 2
+#: how far below a micro-batch that did not fit the next probe looks, after a miss that followed a fit
+STEP_DOWN = 0.06
+
+
+def probe_budget(trial_budget: TrialBudget, config: TrialConfig, *, full: bool = False) -> TrialBudget:
+    """The budget of one memory probe of ``config``: what reaches the peak, and no more.
+
+    Two windows with an evaluation between them: the first window ends with the optimizer's
+    step, which builds its state; the evaluation runs with that state in memory, and the
+    second window resumes training after it, with the state and whatever fragmentation the
+    evaluation left (a probe without that resumption once passed where the full trial did
+    not). The evaluation covers :data:`PROBE_EVAL_BATCHES` batches at the trial's evaluation
+    batch size; the second window is the one timed (its samples/s plan how far the search's
+    trials can train), so no window is added for timing.
+
+    ``full``: the confirmation of the wall, as a search trial runs: the whole validation
+    split (where sample sizes vary, its longest batch), and at least the trial's own samples.
+    A time budget is run as samples: the peak depends on the config, not on how long it trains.
+    """
+    windows = PROBE_WINDOWS * config.effective_batch_size
+    train_samples = max(windows, trial_budget.train_samples) if full else windows
+    val_samples = trial_budget.val_samples
+    if not full:
+        bounded = (trial_budget.eval_batch_size or config.micro_batch_size) * PROBE_EVAL_BATCHES
+        val_samples = bounded if val_samples is None else min(val_samples, bounded)
+    return dataclasses.replace(
+        trial_budget,
+        train_samples=train_samples,
+        train_seconds=None,
+        evaluation_fractions=(config.effective_batch_size / train_samples, 1.0),
+        val_samples=val_samples,
+        warmup_steps=1,
+        min_timed_steps=1,
+    )
 
 
 class ProbeError(AutobatchError):
@@ -135,7 +182,7 @@ def find_memory_wall(
     ``run_probe(m)`` runs a short trial at micro-batch ``m`` in a worker, capped at
     ``(1 - safety_margin) × budget_bytes``; a probe that completes fits. The fitted
     peak readings only guide where to probe next. ``upper_limit`` caps the answer.
-    ``confirm(m)`` runs the same trial at the largest accumulation the search will try:
+    ``confirm(m)`` runs a full trial at the largest accumulation the search will try:
     the wall is confirmed with it, and lowered until a confirmation completes.
     """
     started = time.perf_counter()
@@ -187,16 +234,23 @@ def find_memory_wall(
                 f"{safety_margin:.0%} safety margin); raise memory_budget"
             )
 
-    last_failed = False
-    for _ in range(MAX_CONFIRMATIONS):
+    misses_in_a_row = 0
+    for _ in range(MAX_SEARCH_PROBES):
         best_fit = max(fits)
         if upper_limit is not None and best_fit >= upper_limit:
             break
         if too_big is not None and too_big - best_fit <= max(1, int(best_fit * CLOSE_ENOUGH)):
             break
         guess = MemoryModel.fit(sorted(fits.items())).largest_fitting(limit)
-        if too_big is not None and (last_failed or guess is None or guess <= best_fit or guess >= too_big):
-            guess = (best_fit + too_big) // 2  # the model is off near the wall: bisect
+        if too_big is not None:
+            step_down = math.floor(too_big * (1 - STEP_DOWN))
+            if misses_in_a_row >= 2 or guess is None or guess <= best_fit:
+                guess = (best_fit + too_big) // 2  # the model is off near the wall: bisect
+            elif guess >= too_big:
+                # The model puts the wall past a miss: its readings run low near the wall (a
+                # transient the peak meter did not catch). The wall is most likely just below
+                # the miss: look there, and bisect where that has already been passed.
+                guess = step_down if step_down > best_fit else (best_fit + too_big) // 2
         elif guess is None:
             guess = best_fit * 2  # memory did not grow with the micro-batch: look further out
         elif guess <= best_fit:
@@ -205,7 +259,7 @@ def find_memory_wall(
             guess = best_fit + max(1, math.ceil(best_fit * STALL_STEP))
         if upper_limit is not None:
             guess = min(guess, upper_limit)
-        last_failed = not probe(guess)
+        misses_in_a_row = 0 if probe(guess) else misses_in_a_row + 1
 
     wall = max(fits)
     accumulation = 1
