@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Likewise TensorFlow's CPU build (x86_64 only; elsewhere the one `tensorflow` build is the CPU build),
 # installed in place of the `tensorflow` extra, whose full build would pull GPU libraries.
 TENSORFLOW_SPEC ?= $(if $(filter x86_64,$(shell uname -m)),tensorflow-cpu>=2.16,tensorflow>=2.16)
-EXTRAS ?= torch,dashboard,postgres,studies,dev
+EXTRAS ?= torch,dashboard,postgres,studies,lightning,huggingface,dev
 
 .PHONY: demo test test-gpu lint bench venv clean
 

@@ -6,7 +6,7 @@ import pytest
 
 from tests.test_layout import import_graph
 
-COMMANDS = ("trial", "tune", "show", "train", "worker", "dashboard", "report", "devices")
+COMMANDS = ("trial", "tune", "show", "export", "train", "worker", "dashboard", "report", "devices")
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -15,12 +15,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from autobatch.cli import dashboard, devices, report, show, train, trial, tune, worker
+from autobatch.cli import dashboard, devices, export, report, show, train, trial, tune, worker
 from autobatch.cli._common import FLAGS
 from autobatch.errors import AutobatchError, InvalidParameterError
 
 #: the commands in the order ``autobatch --help`` lists them; each module adds its own parser
-COMMANDS = (trial, tune, show, train, worker, dashboard, report, devices)
+COMMANDS = (trial, tune, show, export, train, worker, dashboard, report, devices)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

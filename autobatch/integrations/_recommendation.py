@@ -74,8 +74,9 @@ class Recommendation:
         """A LightningCLI-style config: the DataModule's batch size, the Trainer's accumulation, the module's rate."""
         return {
             "trainer": {"accumulate_grad_batches": self.accumulation_steps},
-            "model": {"init_args": {lr_attr_name: self.learning_rate}},
-            "data": {"init_args": {batch_arg_name: self.micro_batch_size}},
+            # flat, as LightningCLI(Model, Data) reads it (and as it merges over a base config)
+            "model": {lr_attr_name: self.learning_rate},
+            "data": {batch_arg_name: self.micro_batch_size},
         }
 
     def describe(self) -> str:
