@@ -19,15 +19,21 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from typing import IO, Any
 
 from autobatch.core.memory import MemoryBudget, format_bytes
 from autobatch.errors import InvalidParameterError
 
 __all__ = [
+    "ALLOCATOR_SETTINGS",
+    "ALLOCATOR_VARIABLE",
     "CpuPeakMeter",
+    "allocator_environment",
+    "allocator_setting",
     "budget_as_given",
     "budget_below_load_error",
+    "child_allocator_setting",
     "child_setup",
     "enter_child",
     "kill_process_group",
@@ -64,7 +70,6 @@ def enter_child(setup: dict[str, Any]) -> None:
         import resource
 
         resource.setrlimit(resource.RLIMIT_DATA, (budget_bytes, budget_bytes))
-        _fix_malloc_mmap_threshold()
     for entry in reversed(setup.get("sys_path", [])):
         if entry not in sys.path:
             sys.path.insert(0, entry)
@@ -96,35 +101,83 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+#: the variable that chooses a child's allocator setting; its values are :data:`ALLOCATOR_SETTINGS`
+ALLOCATOR_VARIABLE = "AUTOBATCH_ALLOCATOR"
+#: "fixed-threshold" (the default) starts every child with glibc's mmap threshold fixed at
+#: :data:`MALLOC_MMAP_THRESHOLD` and huge pages for what glibc maps; "glibc-default" adds nothing
+ALLOCATOR_SETTINGS = ("fixed-threshold", "glibc-default")
+#: glibc's variables, read once when a process starts (mallopt(3), tunables(7))
+MMAP_THRESHOLD_VARIABLE = "MALLOC_MMAP_THRESHOLD_"
+TUNABLES_VARIABLE = "GLIBC_TUNABLES"
 #: blocks of this size and up get pages of their own from glibc, returned to the system when freed
 MALLOC_MMAP_THRESHOLD = 2**20
+#: glibc 2.35+ asks the kernel for transparent huge pages (madvise) for what it maps; older ones ignore it
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb"
+#: what a trial's result names as its allocator setting (the variables that decide it, as set)
+_ALLOCATOR_VARIABLES = (
+    "LD_PRELOAD",
+    MMAP_THRESHOLD_VARIABLE,
+    TUNABLES_VARIABLE,
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_ARENA_MAX",
+    "MALLOC_CONF",
+    "TCMALLOC_RELEASE_RATE",
+)
 
 
-def _fix_malloc_mmap_threshold() -> None:
-    """Fix glibc's mmap threshold, so that what ``RLIMIT_DATA`` counts follows what is held.
+def allocator_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables a child starts with so that what ``RLIMIT_DATA`` counts follows what is held.
 
-    By default glibc raises the threshold to the largest block freed so far (up to 32 MiB),
-    after which a framework's activations come from the heap, whose holes a freed tensor
-    leaves and which only shrinks from its top: the data segment then depends on the order
-    of allocation and on thread timing. Measured on PyTorch (synthetic-images, micro-batch 128,
-    the budget a trial needs, bisected): 581 MiB at accumulation 1 and 612 at 8, with runs
-    that passed and failed alternately near either; a probe's wall found under the cap ran
-    out of memory under the full budget in the next trial. With the threshold fixed at
-    1 MiB both needed 500-503 MiB (bisected to 4 MiB; peaks 532 and 533 MiB, repeatable to
-    1 MiB), and walls under a given budget rose by up to 70 %. The price is a page fault per fresh page of a large tensor (about 20 %
-    of PyTorch's CPU throughput on that task; TensorFlow's was unchanged): paid only under
-    a CPU budget, where a budget that holds is the point. Setting it also turns glibc's
-    dynamic adjustment off (mallopt(3)); where there is no glibc nothing changes.
+    By default glibc raises its mmap threshold to the largest block freed so far (up to
+    32 MiB), after which a framework's activations come from the heap, whose holes a freed
+    tensor leaves and which only shrinks from its top: a small micro-batch's freed
+    activations still count, and the data segment depends on the order of allocation and on
+    thread timing (PyTorch, micro-batch 128: budgets bisected at accumulation 1 and 8 needed
+    581 and 612 MiB, runs near either passing and failing in turn). A threshold fixed at
+    1 MiB gives every block of 1 MiB and up pages of its own, returned when freed (the same
+    two needed 500 and 503 MiB, repeatable to 1 MiB). Fresh pages cost a page fault each, which the threshold alone
+    makes PyTorch pay for in system time; huge pages (``glibc.malloc.hugetlb=1``) make those
+    faults several times fewer. Measured by ``benchmarks/memory.py`` on synthetic-images
+    (peak above the baseline, 64×4 against 256×1): PyTorch 0.57× under glibc's default,
+    0.25× so, at 0.8× glibc default's CPU time (the threshold alone: 1.4×); TensorFlow
+    0.3× either way. The table there has the other thresholds, jemalloc (whose address
+    space outgrows what the trial's reading sees) and tcmalloc (cheaper in CPU time, but
+    36 % more memory at 256×1) too. Where the kernel gives no transparent huge pages
+    (``/sys/kernel/mm/transparent_hugepage/enabled`` is ``never``) the threshold still holds.
+
+    These are environment variables, not ``mallopt`` in :func:`enter_child` (which measured
+    the same peaks), so that they hold from the interpreter's first allocation, in any
+    process the child starts, and are the very setting a user who trains elsewhere can give
+    their own run. A threshold the user set (``MALLOC_MMAP_THRESHOLD_``, or
+    ``glibc.malloc.mmap_threshold`` in ``GLIBC_TUNABLES``) is kept, and so is a
+    ``glibc.malloc.hugetlb`` of theirs; ``AUTOBATCH_ALLOCATOR=glibc-default`` adds nothing.
+    An allocator loaded with ``LD_PRELOAD`` ignores them.
     """
-    import ctypes
+    environ = os.environ if environ is None else environ
+    setting = environ.get(ALLOCATOR_VARIABLE) or ALLOCATOR_SETTINGS[0]
+    if setting not in ALLOCATOR_SETTINGS:
+        raise InvalidParameterError(ALLOCATOR_VARIABLE, setting, f"must be one of {', '.join(ALLOCATOR_SETTINGS)}")
+    if setting == "glibc-default":
+        return {}
+    tunables = environ.get(TUNABLES_VARIABLE, "")
+    added: dict[str, str] = {}
+    if MMAP_THRESHOLD_VARIABLE not in environ and "glibc.malloc.mmap_threshold" not in tunables:
+        added[MMAP_THRESHOLD_VARIABLE] = str(MALLOC_MMAP_THRESHOLD)
+    if HUGE_PAGES_TUNABLE not in tunables:
+        added[TUNABLES_VARIABLE] = ":".join(part for part in (tunables, f"{HUGE_PAGES_TUNABLE}=1") if part)
+    return added
 
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return
-    m_mmap_threshold = -3  # <malloc.h>
-    mallopt(ctypes.c_int(m_mmap_threshold), ctypes.c_int(MALLOC_MMAP_THRESHOLD))
+
+def allocator_setting(environ: Mapping[str, str] | None = None) -> str:
+    """The allocator setting this process runs with, as the variables that decide it (for a result's extras)."""
+    environ = os.environ if environ is None else environ
+    shown = [f"{name}={environ[name]}" for name in _ALLOCATOR_VARIABLES if environ.get(name)]
+    return " ".join(shown) or "glibc default (dynamic mmap threshold)"
+
+
+def child_allocator_setting() -> str:
+    """The allocator setting a child started from here runs with (for a note written by the parent)."""
+    return allocator_setting({**os.environ, **allocator_environment()})
 
 
 def start_child(entry: str, argument: str, *, output: IO[bytes] | None, pass_fds: tuple[int, ...]) -> subprocess.Popen:
@@ -138,7 +191,7 @@ def start_child(entry: str, argument: str, *, output: IO[bytes] | None, pass_fds
     """
     module, _, function = entry.partition(":")
     command = f"import sys; from {module} import {function}; sys.exit({function}(sys.argv[1]))"
-    env = dict(os.environ)
+    env = {**os.environ, **allocator_environment()}
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's start-up chatter stays out of the log
     # torch.cuda.is_available() (and device_count()) in a task loader then asks NVML instead of
     # initialising CUDA, which would leave every trial forked from the loaded child unable to
@@ -298,7 +351,7 @@ def _load_bytes(task: str, backend: str, timeout: float) -> int | None:
             capture_output=True,
             text=True,
             timeout=timeout,
-            env={"TF_CPP_MIN_LOG_LEVEL": "3", **os.environ},
+            env={"TF_CPP_MIN_LOG_LEVEL": "3", **os.environ, **allocator_environment()},
         )
     except (OSError, subprocess.TimeoutExpired):
         return None

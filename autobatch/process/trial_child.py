@@ -36,7 +36,7 @@ import time
 import traceback
 from typing import TYPE_CHECKING
 
-from autobatch.process.child import CpuPeakMeter, die_with_parent, enter_child, memory_status
+from autobatch.process.child import CpuPeakMeter, allocator_setting, die_with_parent, enter_child, memory_status
 
 if TYPE_CHECKING:
     from autobatch.backends.base import Backend
@@ -112,6 +112,7 @@ def _send(results, result, timings: dict) -> None:
     mode = timings.pop("worker_mode")
     result.timings.update(timings)
     result.extras["worker_mode"] = mode
+    result.extras["allocator"] = allocator_setting()  # what the peak, and so the wall, was measured under
     results.write(json.dumps(result.to_dict()) + "\n")
     results.flush()
 
