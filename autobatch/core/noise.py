@@ -44,10 +44,41 @@ class NoiseScaleEstimator:
         if not (math.isfinite(micro_sq_norm) and math.isfinite(window_sq_norm)):
             self.skipped_windows += 1
             return
+        self._add(micro_batch_size, window_size, 1, micro_sq_norm, window_sq_norm)
+
+    def add_windows(
+        self,
+        micro_batch_size: int,
+        window_size: int,
+        windows: int,
+        skipped_windows: int,
+        micro_sq_norm_sum: float,
+        window_sq_norm_sum: float,
+    ) -> None:
+        """``windows`` windows of one size at once, from the sums of their two norms (as :meth:`add_window`
+        takes them), and ``skipped_windows`` more left out for a non-finite norm.
+
+        Each window's two estimates are linear in its norms, so their sum over the windows is the
+        estimates of the summed norms: exactly what adding the windows one by one gives, for a backend
+        that sums the norms on the device and reads them once, at the end of a trial.
+        """
+        if windows < 0 or skipped_windows < 0:
+            raise ValueError(f"windows={windows} and skipped_windows={skipped_windows} must be >= 0")
+        self.skipped_windows += skipped_windows
+        if windows == 0:
+            return
+        if window_size <= micro_batch_size:
+            raise ValueError(f"window_size={window_size} must exceed micro_batch_size={micro_batch_size}")
+        if not (math.isfinite(micro_sq_norm_sum) and math.isfinite(window_sq_norm_sum)):
+            self.skipped_windows += windows
+            return
+        self._add(micro_batch_size, window_size, windows, micro_sq_norm_sum, window_sq_norm_sum)
+
+    def _add(self, micro_batch_size: int, window_size: int, windows: int, micro_sq: float, window_sq: float) -> None:
         small, big = float(micro_batch_size), float(window_size)
-        self._grad_sq_sum += (big * window_sq_norm - small * micro_sq_norm) / (big - small)
-        self._trace_sum += (micro_sq_norm - window_sq_norm) / (1.0 / small - 1.0 / big)
-        self.windows += 1
+        self._grad_sq_sum += (big * window_sq - small * micro_sq) / (big - small)
+        self._trace_sum += (micro_sq - window_sq) / (1.0 / small - 1.0 / big)
+        self.windows += windows
         self._batch_sizes = (micro_batch_size, window_size)
 
     @property
@@ -81,6 +112,62 @@ class NoiseScaleEstimator:
             "micro_batch_size": micro,
             "window_size": window,
         }
+
+
+class MeasuringBudget:
+    """Which windows a trial measures the noise on, so that measuring costs at most ``share`` of its training time.
+
+    A backend whose norms cost a call per parameter and micro-batch (PyTorch's gradient hooks) uses
+    it; TensorFlow's run inside the traced step and are measured on every window. The first two
+    windows are measured and not counted (setting up makes them slow). After them a window is
+    measured while measuring's windows × what one costs stay within ``share`` of the windows ×
+    what one takes without it. Where the norms cost little next to a window (a model of any size,
+    or on a GPU) every window is measured; where they do not (a small model whose micro-batch takes
+    a millisecond or less, and whose per-parameter norms then cost some percent of it) every few
+    windows are. Which windows are measured depends on time, never on a gradient, so each
+    estimate of |G|² and tr(Σ) stays unbiased; fewer windows only make it noisier.
+
+    Both costs are the least seen: the work is the same every window and only a wait adds to it,
+    so on a shared machine a preempted window neither stops the measuring (a wait charged to it)
+    nor lets it run over (a loaded machine's slow windows, which measuring would be weighed against).
+    """
+
+    WARMUP_WINDOWS = 2
+
+    def __init__(self, share: float = 0.005):
+        if not 0.0 < share <= 1.0:
+            raise ValueError(f"share={share} must be in (0, 1]")
+        self.share = share
+        self.windows = 0
+        self.measured_windows = 0  # after the warm-up
+        self.window_cost: float | None = None  # measuring a window (after the first, which sets up)
+        self.window_seconds: float | None = None  # a window, measuring left out (after the warm-up)
+
+    @property
+    def measuring_seconds(self) -> float:
+        """What measuring has cost after the warm-up."""
+        return (self.window_cost or 0.0) * self.measured_windows
+
+    @property
+    def training_seconds(self) -> float:
+        """What the windows after the warm-up took, measuring left out."""
+        return (self.window_seconds or 0.0) * (self.windows - self.WARMUP_WINDOWS)
+
+    def due(self) -> bool:
+        """Whether the next window should be measured."""
+        if self.windows < self.WARMUP_WINDOWS:
+            return True
+        return self.measuring_seconds <= self.share * self.training_seconds
+
+    def window_done(self, seconds: float, measuring_seconds: float | None = None) -> None:
+        """A window took ``seconds``, of which measuring took ``measuring_seconds`` (``None``: not measured)."""
+        if measuring_seconds is not None and self.windows > 0:
+            self.window_cost = min(measuring_seconds, self.window_cost or math.inf)
+        if self.windows >= self.WARMUP_WINDOWS:
+            self.measured_windows += measuring_seconds is not None
+            training = max(0.0, seconds - (measuring_seconds or 0.0))
+            self.window_seconds = min(training, self.window_seconds or math.inf)
+        self.windows += 1
 
 
 def noise_scale_from(grad_sq: float | None, trace: float | None) -> float | None:

@@ -1,19 +1,27 @@
 """TensorFlow micro-batching: one GradientTape per micro-batch, one optimizer step per window.
 
-:class:`MicroBatchTrainer` compiles two ``tf.function``\\ s once: ``accumulate`` runs
+:class:`MicroBatchTrainer` traces each of its training functions once: ``accumulate`` runs
 one micro-batch under its own ``GradientTape`` and adds its gradients, weighted by the
 micro-batch's share of the window's samples, into non-trainable ``tf.Variable``
-accumulators; ``apply`` steps the optimizer once per window and zeroes them. Only
-one micro-batch's activations are alive at a time, which is what saves memory (one
-tape around all micro-batches would keep every activation until the end). The batch
-dimension of the traced signature is ``None``, so a short last micro-batch runs the
-same graph: no retrace, no padding; so are the dimensions of a sequence whose length
-varies (see :mod:`autobatch.backends.tensorflow.data`).
+accumulators; ``finish`` does the same for a window's last micro-batch and then, in the
+same call, steps the optimizer once and zeroes them (``apply`` steps alone, for a loop that
+adds its micro-batches first); a window of one micro-batch is one ``step``, with no
+accumulators at all. Only one micro-batch's activations are alive at a time, which is what
+saves memory (one tape around all micro-batches would keep every activation until the end).
+The batch dimension of the traced signature is ``None``, so a short last micro-batch runs the
+same graph: no retrace, no padding; so are the dimensions of a sequence whose length varies
+(see :mod:`autobatch.backends.tensorflow.data`).
+
+Speed: a window costs one call of a traced function per micro-batch and nothing else. With a
+signature given, each function is called as its concrete function, whose call costs about a
+third of a ``tf.function``'s (measured on TensorFlow 2.21, CPU: ~50 µs against ~150 µs, which
+a small model's micro-batch notices); the gradient-noise norms are computed inside those same
+calls and summed on the device over the windows, read back once, at the end of a trial.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -34,17 +42,23 @@ class MicroBatchTrainer:
         trainer = MicroBatchTrainer(model, keras.optimizers.Adam(1e-3), "cross_entropy")
         loss = trainer.train_window([(x1, y1), (x2, y2), (x3, y3)])
 
-    or call :meth:`accumulate` per micro-batch with its share of the window's samples
-    and :meth:`apply` once per window. ``loss`` is a per-sample loss ``(y, predictions) ->
-    (batch,)`` (or a workload's loss name), the model's ``losses`` added; or ``None``: the
-    model's compiled loss through ``model.compute_loss``, its regularisation losses
-    included, which must be a mean over the batch (Keras's ``"sum_over_batch_size"``).
-    ``x`` may be a dict or a tuple of tensors. ``x_spec``/``y_spec`` fix the traced signature
-    (give the batch dimension as ``None``, see :func:`autobatch.backends.tensorflow.data.batch_spec`);
-    without them the functions generalise their shapes after the first distinct one, so at
-    most a second trace. :attr:`trace_counts` tells how often each function was traced.
-    ``measure_noise`` also records, per window, the squared norms of the micro-batch
-    gradients and of the window's (:meth:`last_noise_norms`), for :mod:`autobatch.core.noise`.
+    or call :meth:`accumulate` per micro-batch with its share of the window's samples and
+    :meth:`finish` with the last one (or :meth:`apply` after the last one). ``loss`` is a
+    per-sample loss ``(y, predictions) -> (batch,)`` (or a workload's loss name), the model's
+    ``losses`` added; or ``None``: the model's compiled loss through ``model.compute_loss``,
+    its regularisation losses included, which must be a mean over the batch (Keras's
+    ``"sum_over_batch_size"``). ``x`` may be a dict or a tuple of tensors. ``x_spec``/``y_spec``
+    fix the traced signature (give the batch dimension as ``None``, see
+    :func:`autobatch.backends.tensorflow.data.batch_spec`); without them the functions generalise
+    their shapes after the first distinct one, so at most a second trace. :attr:`trace_counts`
+    tells, for each role, the most times one of its functions was traced (1: none was traced
+    again): ``accumulate`` (a micro-batch's gradients added), ``apply`` (an optimizer step:
+    :meth:`apply`, :meth:`finish` or :meth:`step`) and ``evaluate``.
+
+    ``measure_noise`` also records, per window, the squared norms of the micro-batch gradients
+    and of the window's (:meth:`last_noise_norms`; summed over the windows :meth:`finish` counts,
+    :meth:`noise_totals`), for :mod:`autobatch.core.noise`: one reduction per variable and
+    micro-batch, inside the same calls.
     """
 
     def __init__(
@@ -61,67 +75,127 @@ class MicroBatchTrainer:
         self.optimizer = optimizer
         self.measures_noise = measure_noise
         self.loss_fn: PerSampleLoss | None = make_loss(loss) if isinstance(loss, str) else loss
-        self.trace_counts = {"accumulate": 0, "apply": 0, "evaluate": 0}
+        self._traces: dict[str, int] = {}  # per traced function
         self._variables = list(model.trainable_variables)
         if not self._variables:
             raise ValueError("model has no trainable variables; build it (keras.Input) before making a trainer")
         if not optimizer.built:
             optimizer.build(self._variables)
-        self._accumulators = [
-            tf.Variable(tf.zeros(v.shape, dtype=v.dtype), trainable=False, name="grad_accumulator")
-            for v in self._variables
-        ]
+        # Made before the first window of several micro-batches: windows of one never hold a copy of the model.
+        self._accumulators: list[tf.Variable] | None = None
         self._window_loss = tf.Variable(0.0, dtype=tf.float32, trainable=False, name="window_loss")
+        self._scalars: dict[Any, tf.Tensor] = {}
         if measure_noise:
             self._micro_sq_sum = tf.Variable(0.0, dtype=tf.float32, trainable=False, name="micro_grad_sq_sum")
             self._micro_count = tf.Variable(0.0, dtype=tf.float32, trainable=False, name="micro_batch_count")
             self._noise_norms = tf.Variable([0.0, 0.0], dtype=tf.float32, trainable=False, name="noise_norms")
+            # Over the windows counted: (windows, windows left out as not finite, Σ micro-batch norm, Σ window norm).
+            self._noise_totals = tf.Variable(tf.zeros(4, tf.float64), trainable=False, name="noise_totals")
 
-        if x_spec is not None and y_spec is not None:
-            share_spec = tf.TensorSpec((), tf.float32)
-            self.accumulate = tf.function(self._accumulate, input_signature=[x_spec, y_spec, share_spec])
-            self._evaluate_batch = tf.function(self._loss_sum, input_signature=[x_spec, y_spec])
-        else:
-            self.accumulate = tf.function(self._accumulate, reduce_retracing=True)
-            self._evaluate_batch = tf.function(self._loss_sum, reduce_retracing=True)
-        self.apply = tf.function(self._apply)
+        given = x_spec is not None and y_spec is not None
+        share, flag = tf.TensorSpec((), tf.float32), tf.TensorSpec((), tf.bool)
+        self._accumulate = _traced(self._accumulate_micro_batch, [x_spec, y_spec, share] if given else None)
+        self._finish = _traced(self._finish_window, [x_spec, y_spec, share, flag] if given else None)
+        self._step = _traced(self._step_window, [x_spec, y_spec] if given else None)
+        self._apply = _traced(self._apply_accumulated, [])
+        self._evaluate_batch = _traced(self._loss_sum, [x_spec, y_spec] if given else None)
+
+    @property
+    def trace_counts(self) -> dict[str, int]:
+        """Per role, the most traces one of its functions took: ``accumulate``, ``apply`` and ``evaluate``."""
+        roles = {"accumulate": 0, "apply": 0, "evaluate": 0}
+        for name, count in self._traces.items():
+            role = name.split(",")[0]
+            roles[role] = max(roles[role], count)
+        return roles
 
     @property
     def trace_count(self) -> int:
-        """Traces of the training functions (``accumulate`` + ``apply``); 2 after any number of windows."""
+        """Traces of the training functions (``accumulate`` + ``apply``): one per function a loop calls."""
         return self.trace_counts["accumulate"] + self.trace_counts["apply"]
 
     @property
     def accumulated_gradients(self) -> list:
-        """The gradients summed since the last :meth:`apply` (scaled, under a LossScaleOptimizer)."""
+        """The gradients summed since the last step (scaled, under a LossScaleOptimizer)."""
+        if self._accumulators is None:
+            return [tf.zeros(variable.shape, variable.dtype) for variable in self._variables]
         return [accumulator.read_value() for accumulator in self._accumulators]
+
+    def accumulate(self, x: Any, y: Any, share: Any) -> tf.Tensor:
+        """Add the gradients of the micro-batch ``(x, y)``'s mean loss × ``share`` (its share of the window's samples)."""
+        self._make_accumulators()
+        return self._accumulate(x, y, self.scalar(share))
+
+    def finish(self, x: Any, y: Any, share: Any, *, count_noise: bool = False) -> tf.Tensor:
+        """:meth:`accumulate` the window's last micro-batch, then one optimizer step, in one call; the window's loss.
+
+        ``count_noise``: add this window's noise norms to :meth:`noise_totals` (a window of micro-batches
+        of one size; one with a short last micro-batch would give the estimate a third batch size).
+        """
+        self._make_accumulators()
+        return self._finish(x, y, self.scalar(share), self.scalar(bool(count_noise)))
+
+    def step(self, x: Any, y: Any) -> tf.Tensor:
+        """A window of one micro-batch: its gradients applied at once, no accumulators; its loss."""
+        return self._step(x, y)
+
+    def apply(self) -> tf.Tensor:
+        """One optimizer step with the gradients :meth:`accumulate` added, then zero them; the window's loss."""
+        self._make_accumulators()
+        return self._apply()
+
+    def train_window(self, micro_batches: Iterable[tuple[Any, Any]]) -> float:
+        """One optimizer step over ``micro_batches`` [(x, y), ...]; returns the window's mean loss."""
+        micro_batches = list(micro_batches)
+        if len(micro_batches) == 1 and self._accumulators is None:  # else finish runs it, traced already
+            return float(self.step(*micro_batches[0]))
+        sizes = [batch_length(x) for x, _ in micro_batches]
+        total = sum(sizes)
+        for (x, y), size in zip(micro_batches[:-1], sizes, strict=False):
+            self.accumulate(x, y, size / total)
+        x, y = micro_batches[-1]
+        uniform = len(sizes) > 1 and len(set(sizes)) == 1
+        return float(self.finish(x, y, sizes[-1] / total, count_noise=uniform))
+
+    def scalar(self, value: Any) -> tf.Tensor:
+        """``value`` (a share or a flag) as a tensor, made once: a new one per call costs more than a small step."""
+        if isinstance(value, tf.Tensor):
+            return value
+        key = (type(value), value)
+        tensor = self._scalars.get(key)
+        if tensor is None:
+            if len(self._scalars) > 256:  # shares of windows cut anew (an adaptive trainer's): keep it small
+                self._scalars.clear()
+            tensor = self._scalars[key] = tf.constant(value, tf.bool if isinstance(value, bool) else tf.float32)
+        return tensor
 
     def last_noise_norms(self) -> tuple[float, float]:
         """The last window's (mean squared norm of its micro-batch gradients, squared norm of its gradient)."""
         micro_sq, window_sq = self._noise_norms.numpy().tolist()
         return float(micro_sq), float(window_sq)
 
-    def train_window(self, micro_batches: Iterable[tuple[Any, Any]]) -> float:
-        """One optimizer step over ``micro_batches`` [(x, y), ...]; returns the window's mean loss."""
-        micro_batches = list(micro_batches)
-        total = sum(batch_length(x) for x, _ in micro_batches)
-        for x, y in micro_batches:
-            self.accumulate(x, y, tf.constant(batch_length(x) / total, tf.float32))
-        return float(self.apply())
+    def noise_totals(self) -> tuple[int, int, float, float]:
+        """Over the windows :meth:`finish` counted: (windows, windows left out as not finite, the sum of their
+        mean squared micro-batch gradient norms, the sum of their squared window gradient norms)."""
+        windows, skipped, micro_sq_sum, window_sq_sum = self._noise_totals.numpy().tolist()
+        return int(windows), int(skipped), float(micro_sq_sum), float(window_sq_sum)
 
     def set_learning_rate(self, learning_rate: float) -> None:
         """Train the next windows at ``learning_rate`` (a learning-rate schedule's step).
 
         It is assigned to the optimizer's learning-rate variable (a LossScaleOptimizer's inner one),
-        which the traced :meth:`apply` reads when it runs: nothing is traced again.
+        which the traced steps read when they run: nothing is traced again.
         """
         self.optimizer.learning_rate = learning_rate
 
     def reset_window(self) -> None:
         """Zero the gradient accumulators and the window loss: the window starts again."""
-        for accumulator in self._accumulators:
+        for accumulator in self._accumulators or ():
             accumulator.assign(tf.zeros_like(accumulator))
         self._window_loss.assign(0.0)
+        if self.measures_noise:
+            self._micro_sq_sum.assign(0.0)
+            self._micro_count.assign(0.0)
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int, limit: int | None = None) -> float:
         """Mean per-sample loss over the first ``limit`` samples (all when ``None``), each weighing the same."""
@@ -140,9 +214,48 @@ class MicroBatchTrainer:
             lambda start, stop: float(self._evaluate_batch(*data.batch(order[start:stop]))),
         )
 
-    def _accumulate(self, x, y, share):
+    def _make_accumulators(self) -> None:
+        if self._accumulators is None:  # eagerly, outside the traced functions, which capture them
+            self._accumulators = [
+                tf.Variable(tf.zeros(v.shape, dtype=v.dtype), trainable=False, name="grad_accumulator")
+                for v in self._variables
+            ]
+
+    # --- traced: each runs only while tracing, on the device after that ---------------------------------
+
+    def _accumulate_micro_batch(self, x, y, share):
         """Gradients of one micro-batch's mean loss × ``share``, added into the accumulators."""
-        self.trace_counts["accumulate"] += 1  # runs only while tracing
+        self._traced_once("accumulate")
+        loss, gradients = self._gradients(x, y, share)
+        self._add(loss, gradients, share)
+        return loss
+
+    def _finish_window(self, x, y, share, count_noise):
+        """The last micro-batch added, one optimizer step, the accumulators zeroed; the window's loss."""
+        self._traced_once("apply, finish")
+        loss, gradients = self._gradients(x, y, share)
+        self._add(loss, gradients, share)
+        return self._step_accumulated(count_noise)
+
+    def _apply_accumulated(self):
+        """One optimizer step with the accumulated gradients, then zero them; returns the window's loss."""
+        self._traced_once("apply")
+        return self._step_accumulated(None)
+
+    def _step_window(self, x, y):
+        """A window of one micro-batch: its gradient is the window's, applied as it comes."""
+        self._traced_once("apply, step")
+        loss, gradients = self._gradients(x, y, tf.constant(1.0, tf.float32))
+        # Dense and in the variables' dtype, as the accumulators would hold them: the same step either way.
+        dense = [
+            tf.zeros(v.shape, v.dtype) if g is None else tf.cast(tf.convert_to_tensor(g), v.dtype)
+            for g, v in zip(gradients, self._variables, strict=True)
+        ]
+        self.optimizer.apply_gradients(zip(dense, self._variables, strict=True))
+        return loss
+
+    def _gradients(self, x, y, share):
+        """One micro-batch's loss × ``share`` and its gradients, under its own tape (× a loss scale)."""
         with tf.GradientTape() as tape:
             predictions = self.model(x, training=True)
             if self.loss_fn is None:  # regularisation is in compute_loss: the shares sum to 1, so once per window
@@ -152,7 +265,14 @@ class MicroBatchTrainer:
                 if self.model.losses:  # regularisers: the shares sum to 1, so once per window in all
                     loss += tf.add_n([tf.cast(extra, tf.float32) for extra in self.model.losses]) * share
             scaled = self.optimizer.scale_loss(loss)  # a LossScaleOptimizer scales; others pass it through
-        gradients = tape.gradient(scaled, self._variables)
+        return loss, tape.gradient(scaled, self._variables)
+
+    def _traced_once(self, name: str) -> None:
+        self._traces[name] = self._traces.get(name, 0) + 1  # runs only while tracing
+
+    def _add(self, loss, gradients, share) -> None:
+        """Add one micro-batch's loss and gradients into the window's (and its norm into the noise sums)."""
+        assert self._accumulators is not None
         for accumulator, gradient in zip(self._accumulators, gradients, strict=True):
             if gradient is None:
                 continue
@@ -170,35 +290,64 @@ class MicroBatchTrainer:
             self._micro_sq_sum.assign_add(squared / tf.square(share * self._loss_scale()))
             self._micro_count.assign_add(1.0)
         self._window_loss.assign_add(loss)
-        return loss
 
-    def _apply(self):
-        """One optimizer step with the accumulated gradients, then zero them; returns the window's loss."""
-        self.trace_counts["apply"] += 1
+    def _step_accumulated(self, count_noise):
+        """The optimizer's step with the accumulators, which are then zeroed; the window's loss.
+
+        ``count_noise`` (a bool tensor, or None for never) adds the window's noise norms to the totals.
+        """
+        assert self._accumulators is not None
         gradients = [accumulator.read_value() for accumulator in self._accumulators]
         if self.measures_noise:  # before the step, which may change the loss scale
-            window_sq = _squared_norm(gradients) / tf.square(self._loss_scale())
-            micro_sq = self._micro_sq_sum.read_value() / tf.maximum(self._micro_count.read_value(), 1.0)
-            self._noise_norms.assign(tf.stack([micro_sq, window_sq]))
-            self._micro_sq_sum.assign(0.0)
-            self._micro_count.assign(0.0)
+            self._record_window_norms(gradients, count_noise)
         # A LossScaleOptimizer unscales here, once, and skips the step if any gradient is not finite.
         self.optimizer.apply_gradients(zip(gradients, self._variables, strict=True))
         window_loss = self._window_loss.read_value()
         self.reset_window()
         return window_loss
 
+    def _record_window_norms(self, gradients, count_noise) -> None:
+        window_sq = _squared_norm(gradients) / tf.square(self._loss_scale())
+        micro_sq = self._micro_sq_sum.read_value() / tf.maximum(self._micro_count.read_value(), 1.0)
+        norms = tf.stack([micro_sq, window_sq])
+        self._noise_norms.assign(norms)
+        if count_noise is None:
+            return
+        # As NoiseScaleEstimator.add_window does per window: a non-finite norm (an overflowing step) is left out.
+        # (Both norms are ≥ 0, so their sum is finite exactly when both are.)
+        counted = tf.concat([[1.0, 0.0], norms], axis=0)
+        left_out = tf.constant([0.0, 1.0, 0.0, 0.0], tf.float32)
+        chosen = tf.where(tf.math.is_finite(micro_sq + window_sq), counted, left_out)
+        self._noise_totals.assign_add(tf.cast(tf.where(count_noise, chosen, tf.zeros_like(chosen)), tf.float64))
+
     def _loss_scale(self):
         """What the loss, and so every gradient, is multiplied by: a LossScaleOptimizer's scale, else 1."""
         return tf.cast(self.optimizer.scale_loss(tf.constant(1.0, tf.float32)), tf.float32)
 
     def _loss_sum(self, x, y):
-        self.trace_counts["evaluate"] += 1
+        self._traced_once("evaluate")
         predictions = self.model(x, training=False)
         if self.loss_fn is None:  # a mean over the batch: times its samples, each weighs the same
             count = tf.cast(tf.shape(tf.nest.flatten(x)[0])[0], tf.float32)
             return compiled_loss(self.model, x, y, predictions, training=False) * count
         return tf.reduce_sum(self.loss_fn(y, predictions))
+
+
+def _traced(function: Callable, signature: list | None) -> Callable:
+    """``function`` traced once: called as its concrete function where ``signature`` fixes the inputs
+    (traced at the first call), else as a ``tf.function`` that generalises shapes (see the class)."""
+    if signature is None:
+        return tf.function(function, reduce_retracing=True)
+    polymorphic = tf.function(function, input_signature=signature)
+    concrete = None
+
+    def call(*args):
+        nonlocal concrete
+        if concrete is None:
+            concrete = polymorphic.get_concrete_function()
+        return concrete(*args)
+
+    return call
 
 
 def batch_length(x: Any) -> int:
@@ -207,12 +356,16 @@ def batch_length(x: Any) -> int:
 
 
 def _squared_norm(gradients) -> tf.Tensor:
-    """Σ |g|² over a list of gradients, in float32 (a sparse one is summed into its dense form first)."""
-    total = tf.constant(0.0, tf.float32)
+    """Σ |g|² over a list of gradients, in float32 (a sparse one is summed into its dense form first).
+
+    One kernel per gradient (``l2_loss`` is Σ g²/2): with a small model's micro-batches, ops
+    that each cost a microsecond or two are what the estimate costs.
+    """
+    halves = []
     for gradient in gradients:
         if gradient is None:
             continue
         if isinstance(gradient, tf.IndexedSlices):  # repeated indices add up before squaring
             gradient = tf.convert_to_tensor(gradient)
-        total += tf.reduce_sum(tf.square(tf.cast(gradient, tf.float32)))
-    return total
+        halves.append(tf.nn.l2_loss(tf.cast(gradient, tf.float32)))
+    return 2.0 * tf.add_n(halves) if halves else tf.constant(0.0, tf.float32)

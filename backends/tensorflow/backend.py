@@ -160,16 +160,38 @@ class TensorFlowTrial(Trial):
 
     def train_window(self, window: Window, micro_batches: Iterator, measure: bool) -> float:
         trainer = self.trainer
-        # not strict: a check that the lazy micro-batches ran out would take the next window's first
-        for micro_batch, (x, y) in zip(window.micro_batches, micro_batches, strict=False):
-            trainer.accumulate(x, y, tf.constant(len(micro_batch) / window.size, tf.float32))
-        loss = float(trainer.apply())  # reading the loss waits for the update to finish
+        sizes = window.micro_batches
+        if self.config.accumulation_steps == 1:  # a window is one micro-batch: one call, no accumulators
+            return float(trainer.step(*next(micro_batches)))  # reading the loss waits for the update to finish
         # A short last micro-batch would give the estimator a third batch size, and a window of one
         # micro-batch (a sample budget below the micro-batch) no second one: their windows are left out.
-        sizes = {len(mb) for mb in window.micro_batches}
-        if measure and trainer.measures_noise and len(window.micro_batches) > 1 and len(sizes) == 1:
+        # Full windows are summed on the device and read once (finish); another size, rare, is read here.
+        noise = measure and trainer.measures_noise and len(sizes) > 1 and len({len(mb) for mb in sizes}) == 1
+        counted = noise and window.size == self.config.effective_batch_size
+        last = len(sizes) - 1
+        loss = None
+        # not strict: a check that the lazy micro-batches ran out would take the next window's first
+        for position, (indices, (x, y)) in enumerate(zip(sizes, micro_batches, strict=False)):
+            share = trainer.scalar(len(indices) / window.size)
+            if position < last:
+                trainer.accumulate(x, y, share)
+            else:
+                loss = trainer.finish(x, y, share, count_noise=counted)
+        if noise and not counted:
             self.noise.add_window(self.config.micro_batch_size, window.size, *trainer.last_noise_norms())
-        return loss
+        return float(loss)  # reading the loss waits for the update to finish
+
+    def finish(self) -> None:
+        if self.trainer.measures_noise:
+            windows, skipped, micro_sq_sum, window_sq_sum = self.trainer.noise_totals()
+            self.noise.add_windows(
+                self.config.micro_batch_size,
+                self.config.effective_batch_size,
+                windows,
+                skipped,
+                micro_sq_sum,
+                window_sq_sum,
+            )
 
     def scale_learning_rate(self, multiplier: float) -> None:
         self.trainer.set_learning_rate(self.config.learning_rate * multiplier)

@@ -10,6 +10,7 @@ the rate a task's learning-rate schedule asks for before a window.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -62,21 +63,34 @@ def train_window(
         micro_batches = list(micro_batches)
         sizes = [batch_samples(batch) for batch in micro_batches]
     total = sum(size for size in sizes if size >= min_micro_batch)
-    window_loss = 0.0
     if noise_meter is not None:
         noise_meter.start_window()
-    for size, batch in zip(sizes, micro_batches, strict=True):
-        if size < min_micro_batch:
-            del batch  # fetched all the same: the next window's micro-batches follow it in the stream
-            continue
-        share = size / total
-        with precision.autocast():
-            weighted = checked_loss(loss(model, batch)) * share
-        precision.backward(weighted)
-        window_loss += float(weighted.detach())
-        del batch, weighted  # not held while the next micro-batch is fetched
+    # The losses: on the CPU each is read at once (nothing to wait for); on a GPU after the last
+    # backward (a read per micro-batch would wait for each).
+    losses: list[Any] = []
+    try:
+        for size, batch in zip(sizes, micro_batches, strict=True):
+            if size < min_micro_batch:
+                del batch  # fetched all the same: the next window's micro-batches follow it in the stream
+                continue
+            share = size / total
+            if precision.enabled:
+                with precision.autocast():
+                    weighted = checked_loss(loss(model, batch)) * share
+            else:  # no context to enter: a small model's micro-batch notices every microsecond
+                weighted = checked_loss(loss(model, batch)) * share
+            if precision.scaler is None:
+                weighted.backward()
+            else:
+                precision.backward(weighted)
+            losses.append(weighted.item() if weighted.is_cpu else weighted.detach())
+            del batch, weighted  # not held while the next micro-batch is fetched
+            if noise_meter is not None:
+                noise_meter.micro_batch_done(share)
+    except BaseException:
         if noise_meter is not None:
-            noise_meter.micro_batch_done(share)
+            noise_meter.cancel_window()  # no hook measures the micro-batches of a window redone without it
+        raise
     if noise_meter is not None:
         noise_meter.window_done(precision.loss_scale())
     if total == 0:
@@ -85,7 +99,7 @@ def train_window(
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return window_loss
+    return sum((float(weighted) for weighted in losses), 0.0)  # in float64, in order, as if read one by one
 
 
 @torch.no_grad()
@@ -145,45 +159,80 @@ class LearningRateScaler:
 class GradientNoiseMeter:
     """The squared norms the noise-scale estimate needs (:mod:`autobatch.core.noise`), per window.
 
-    A hook on every parameter receives the gradient one backward pass adds before it is
-    summed into ``.grad``, which is the micro-batch's own gradient: its norm costs one
-    reduction per parameter, and no copy of the accumulated gradient. The window's norm
-    is read from ``.grad`` before the optimizer step. Everything stays on the device
-    until :meth:`window_norms`, so measuring adds no synchronisation. A window whose
-    micro-batches differ in size (a short last one), or of one micro-batch, is left out:
-    the estimate needs exactly two batch sizes.
+    A window's first micro-batch meets no gradient in ``.grad`` (the window before it ended with
+    ``zero_grad(set_to_none=True)``): its gradient is ``.grad`` after its backward, whose norms
+    are read in one call for all parameters. From the second micro-batch on, a hook on every
+    parameter receives the gradient one backward pass adds before it is summed into ``.grad``,
+    which is the micro-batch's own gradient: its norm costs one reduction per parameter, and no
+    copy of the accumulated gradient. The window's norms are read from ``.grad`` before the
+    optimizer step, again in one call. A window trained without the meter costs nothing: the
+    hooks are only in place while a window is measured. Everything stays on the device until
+    :meth:`window_norms`, so measuring adds no synchronisation. A window whose micro-batches differ
+    in size (a short last one), or of one micro-batch, is left out: the estimate needs exactly two
+    batch sizes. :attr:`seconds` is the time the meter took (what a
+    :class:`~autobatch.core.noise.MeasuringBudget` weighs against training).
     """
 
     def __init__(self, parameters: Iterable[torch.nn.Parameter]):
         self._parameters = [p for p in parameters if p.requires_grad]
-        self._handles = [p.register_hook(self._record) for p in self._parameters]
-        self._active = False
+        self._handles: list[Any] = []
+        self._first_from_grad = False
+        self.seconds = 0.0
         self._norms: list[torch.Tensor] = []  # this window's parameter-gradient norms, all its micro-batches
         self._shares: list[float] = []
         self._windows: list[torch.Tensor] = []  # per window: (Σ micro-batch |grad|², |window grad|²), as summed
         self._factors: list[tuple[float, float]] = []  # per window: what turns those into mean-loss gradients
 
     def start_window(self) -> None:
-        self._active = True
+        """Before the window's first backward."""
+        started = time.perf_counter()
         self._norms, self._shares = [], []
+        # Gradients left in .grad (a loop that zeroes them to 0, not None) would be summed into the first's.
+        self._first_from_grad = all(p.grad is None for p in self._parameters)
+        if not self._first_from_grad:
+            self._add_hooks()
+        self.seconds += time.perf_counter() - started
 
     def micro_batch_done(self, share: float) -> None:
         """After a micro-batch's backward: its loss was its mean loss × ``share`` (× the loss scale)."""
         self._shares.append(share)
+        if self._first_from_grad and len(self._shares) == 1:
+            started = time.perf_counter()
+            self._norms.extend(_norms([p.grad for p in self._parameters if p.grad is not None]))
+            self._add_hooks()
+            self.seconds += time.perf_counter() - started
 
     def window_done(self, loss_scale: float) -> None:
         """Before the optimizer step, while ``.grad`` holds the window's gradient (× ``loss_scale``)."""
-        self._active = False
+        started = time.perf_counter()
+        self.cancel_window()
+        shares = self._shares
         grads = [p.grad for p in self._parameters if p.grad is not None]
         # One micro-batch (a sample budget below the window) gives no second batch size.
-        if not grads or not self._norms or len(self._shares) < 2 or len(set(self._shares)) != 1:
+        if grads and self._norms and len(shares) > 1 and len(set(shares)) == 1:
+            # One tensor kept per window: a few dozen small ones would keep Python's collector busy.
+            micro = torch.linalg.vector_norm(torch.stack(self._norms))
+            window = torch.linalg.vector_norm(torch.stack(_norms(grads)))
+            self._windows.append(torch.stack([micro, window]))
+            # Each micro-batch gradient carried share × scale, the window's gradient the scale alone.
+            self._factors.append((1.0 / (len(shares) * (shares[0] * loss_scale) ** 2), 1.0 / loss_scale**2))
+        self._norms = []
+        self.seconds += time.perf_counter() - started
+
+    def cancel_window(self) -> None:
+        """Stop measuring the window (at its end, or when it failed): the hooks come off."""
+        if not self._handles:
             return
-        micro = torch.linalg.vector_norm(torch.stack(self._norms))
-        window = torch.linalg.vector_norm(torch.stack([_norm(g) for g in grads]))
-        self._windows.append(torch.stack([micro, window]))
-        # Each micro-batch gradient carried share × scale, the window's gradient the scale alone.
-        share = self._shares[0]
-        self._factors.append((1.0 / (len(self._shares) * (share * loss_scale) ** 2), 1.0 / loss_scale**2))
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        # A removed hook leaves its (now empty) dict behind, and autograd calls into Python for it on every
+        # backward, about a microsecond per parameter (measured on torch 2.13): a small model's windows
+        # would then all run ~1.5 % slower after the first measured one. Without a hook left, the slot is
+        # cleared (as it was before the first hook), which drops that call.
+        for parameter in self._parameters:
+            if parameter._backward_hooks is not None and not parameter._backward_hooks:
+                parameter._backward_hooks = None
 
     def window_norms(self) -> list[tuple[float, float]]:
         """(mean squared norm of the micro-batch gradients, squared norm of the window's) per measured window."""
@@ -193,13 +242,27 @@ class GradientNoiseMeter:
         return [(micro**2 * a, window**2 * b) for (micro, window), (a, b) in zip(norms, self._factors, strict=True)]
 
     def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self.cancel_window()
 
-    def _record(self, grad: torch.Tensor) -> None:
-        if self._active:  # runs once per parameter and micro-batch: kept to one reduction
-            self._norms.append(_norm(grad))
+    def _add_hooks(self) -> None:
+        if self._handles:
+            return
+        append = self._norms.append  # runs once per parameter and micro-batch: kept to one reduction
+
+        def record(grad: torch.Tensor) -> None:
+            started = time.perf_counter()
+            append(_norm(grad))
+            self.seconds += time.perf_counter() - started
+
+        self._handles = [p.register_hook(record) for p in self._parameters]
+
+
+def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor's 2-norm, in one call where none is half precision (``_foreach_norm``, as
+    ``clip_grad_norm_`` reads them), else one by one in float32."""
+    if any(tensor.dtype in _HALF_TYPES for tensor in tensors):
+        return [_norm(tensor) for tensor in tensors]
+    return list(torch._foreach_norm(tensors))
 
 
 def _norm(tensor: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ The trial itself runs through the framework-neutral template in :mod:`autobatch.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +26,7 @@ from autobatch.backends.torch.training import require_batch_norm_micro_batch
 from autobatch.core.config import TrialBudget, TrialConfig
 from autobatch.core.devices import DeviceMemoryMeter
 from autobatch.core.memory import allocator_cap_bytes
+from autobatch.core.noise import MeasuringBudget
 from autobatch.core.windows import Window
 from autobatch.tasks.loading import Task
 
@@ -146,6 +148,7 @@ class TorchTrial(Trial):
         self.sample_sizes = training_sizes(parts)
         self.optimizer_name = parts.optimizer_name
         self.meter = GradientNoiseMeter(self.model.parameters()) if self.measures_noise else None
+        self.measuring = MeasuringBudget()
         self.learning_rate = LearningRateScaler(self.optimizer)
         self._val_orders: dict[int, np.ndarray] = {}
 
@@ -157,7 +160,17 @@ class TorchTrial(Trial):
         return device_batches(self.parts.train_set, self.parts.train_collate, chunks, self.budget, self.device)
 
     def train_window(self, window: Window, micro_batches: MicroBatches, measure: bool) -> float:
-        meter = self.meter if measure else None
+        if self.meter is None:
+            return self._train_window(micro_batches, None)
+        # The noise estimate measures the windows its budget allows (see MeasuringBudget).
+        meter = self.meter if measure and self.measuring.due() else None
+        started, measured_before = time.perf_counter(), self.meter.seconds
+        loss = self._train_window(micro_batches, meter)
+        measured = self.meter.seconds - measured_before if meter is not None else None
+        self.measuring.window_done(time.perf_counter() - started, measured)
+        return loss
+
+    def _train_window(self, micro_batches: MicroBatches, meter: GradientNoiseMeter | None) -> float:
         loss = train_window(
             self.model,
             self.optimizer,
@@ -167,7 +180,8 @@ class TorchTrial(Trial):
             noise_meter=meter,
             min_micro_batch=self.parts.min_micro_batch,
         )
-        self.wait_for_device()
+        if self.on_cuda:
+            torch.cuda.synchronize(self.device)
         return loss
 
     def scale_learning_rate(self, multiplier: float) -> None:

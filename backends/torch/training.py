@@ -127,6 +127,8 @@ def require_batch_norm_micro_batch(micro_batch_size: int) -> None:
 
 def call_model(model: nn.Module, x: Any) -> Any:
     """``model(**x)`` for a dict of inputs, ``model(*x)`` for a tuple, else ``model(x)``."""
+    if isinstance(x, torch.Tensor):  # first: the common case, and a cheaper check than Mapping's
+        return model(x)
     if isinstance(x, Mapping):
         return model(**x)
     if isinstance(x, tuple):
