@@ -74,15 +74,9 @@ def train_window(
                 del batch  # fetched all the same: the next window's micro-batches follow it in the stream
                 continue
             share = size / total
-            if precision.enabled:
-                with precision.autocast():
-                    weighted = checked_loss(loss(model, batch)) * share
-            else:  # no context to enter: a small model's micro-batch notices every microsecond
+            with precision.autocast():
                 weighted = checked_loss(loss(model, batch)) * share
-            if precision.scaler is None:
-                weighted.backward()
-            else:
-                precision.backward(weighted)
+            precision.backward(weighted)
             losses.append(weighted.item() if weighted.is_cpu else weighted.detach())
             del batch, weighted  # not held while the next micro-batch is fetched
             if noise_meter is not None:

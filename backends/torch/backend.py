@@ -180,8 +180,7 @@ class TorchTrial(Trial):
             noise_meter=meter,
             min_micro_batch=self.parts.min_micro_batch,
         )
-        if self.on_cuda:
-            torch.cuda.synchronize(self.device)
+        self.wait_for_device()
         return loss
 
     def scale_learning_rate(self, multiplier: float) -> None:

@@ -154,11 +154,7 @@ def device_batches(
         if budget.num_workers == 0 and not on_cuda:
             # What a DataLoader without workers or pinning does, without its per-batch machinery
             # (about 6 µs a micro-batch, which a small model's micro-batch of a millisecond notices).
-            micro_batches = (mb for window in windows for mb in window.micro_batches)
-            if isinstance(dataset, ArrayDataset) and collate_fn is _keep_batch:
-                source: Iterator[Any] = map(dataset.__getitems__, micro_batches)
-            else:
-                source = (fetch(dataset, mb, collate_fn) for mb in micro_batches)
+            source = (fetch(dataset, mb, collate_fn) for window in windows for mb in window.micro_batches)
             for window in windows:
                 yield window, MicroBatches(window, source)
             continue
