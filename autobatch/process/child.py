@@ -144,6 +144,8 @@ def allocator_environment(environ: Mapping[str, str] | None = None) -> dict[str,
     space outgrows what the trial's reading sees) and tcmalloc (cheaper in CPU time, but
     36 % more memory at 256×1) too. Where the kernel gives no transparent huge pages
     (``/sys/kernel/mm/transparent_hugepage/enabled`` is ``never``) the threshold still holds.
+    Huge pages have one cost: glibc then grows its heap in 2 MiB steps, so the wall a process
+    reaches is repeatable to 2 MiB, not to one page (a probe's safety margin covers it).
 
     These are environment variables, not ``mallopt`` in :func:`enter_child` (which measured
     the same peaks), so that they hold from the interpreter's first allocation, in any
