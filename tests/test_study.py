@@ -10,7 +10,7 @@ import pytest
 from autobatch import InvalidParameterError, SearchSpace, TrialConfig, TrialResult, tune
 from autobatch.errors import StorageError
 from autobatch.process.worker import TrialWorker
-from autobatch.search.probe import ProbeError, find_memory_wall
+from autobatch.search.probe import PROBE_TIMEOUT_FLOOR, ProbeError, find_memory_wall, probe_timeout
 from tests import synthetic_backend as synthetic
 
 SYNTHETIC = dict(task="tests.synthetic_backend:workload", backend="tests.synthetic_backend:SyntheticBackend")
@@ -40,6 +40,38 @@ def test_probe_finds_the_wall_within_3_percent_in_few_probes(intercept, per_samp
     assert truth * 0.97 <= probe.max_micro_batch <= truth
     assert len(calls) <= 8
     assert probe.memory_model.bytes_per_sample == pytest.approx(per_sample, rel=0.05)
+
+
+def test_probe_grows_step_by_step_while_small_probes_read_mostly_fixed_memory():
+    # A runtime's pools cover the first 64 samples' activations (0.1 MiB each as read), past
+    # them each sample costs 2 MiB: probes at 4 and 32 put the wall near 6,700, the truth is 397.
+    calls = []
+
+    def run(micro_batch):
+        calls.append(micro_batch)
+        peak = 300 * MIB + 0.1 * MIB * min(micro_batch, 64) + 2 * MIB * max(0, micro_batch - 64)
+        status = "ok" if peak <= 0.95 * 1024 * MIB else "oom"
+        return TrialResult(status=status, config=TrialConfig(micro_batch), peak_memory_bytes=int(peak))
+
+    probe = find_memory_wall(run, 1024 * MIB, safety_margin=0.05)
+    truth = 64 + math.floor((0.95 * 1024 - 300 - 6.4) / 2)
+    assert truth * 0.97 <= probe.max_micro_batch <= truth
+    first_miss = next(i for i, m in enumerate(calls) if run(m).status == "oom")
+    assert all(calls[i] <= 8 * max(calls[:i]) for i in range(1, first_miss + 1)), calls
+    assert len(calls) - 1 <= 10  # the check above ran one more
+
+
+def test_a_probe_that_runs_far_longer_than_the_ones_before_it_is_stopped():
+    from autobatch import TrialBudget
+
+    budget = TrialBudget(train_samples=2048, val_samples=512)
+    assert probe_timeout([], budget, n_val=1000) is None  # nothing to go by yet
+    completed = TrialResult(status="ok", config=TrialConfig(32), samples_trained=64, timings={"wall": 3.2})
+    failed = TrialResult(status="oom", config=TrialConfig(512), samples_trained=0, timings={"wall": 9.0})
+    # 0.05 s per sample, over 2048 trained and 512 evaluated, 20 times over
+    assert probe_timeout([completed, failed], budget, n_val=1000) == pytest.approx(20 * 0.05 * 2560)
+    short = TrialBudget(train_samples=64, val_samples=None)  # the whole split: 10 samples
+    assert probe_timeout([completed], short, n_val=10) == PROBE_TIMEOUT_FLOOR  # 74 s estimated
 
 
 def test_probe_bisects_when_the_model_overshoots():

@@ -24,7 +24,7 @@ from autobatch.errors import AutobatchError, InvalidParameterError, StorageError
 from autobatch.search.fidelity import plan_fidelity
 from autobatch.search.horizon import Horizon
 from autobatch.search.objectives import Objective, get_objective
-from autobatch.search.probe import ProbeResult, find_memory_wall, probe_budget
+from autobatch.search.probe import ProbeResult, find_memory_wall, probe_budget, probe_timeout
 from autobatch.search.space import SearchSpace, scaled_learning_rate
 from autobatch.tasks.optimizers import optimizer_family
 
@@ -128,6 +128,7 @@ class StudyPlan:
     def _probe_memory_wall(self, worker: TrialWorker) -> ProbeResult:
         workload, space = self.workload, self.search_space
         losses: list[float] = []
+        done: list[TrialResult] = []
 
         # A probe stops once it has reached its peak (search/probe.py: probe_budget); the wall
         # it finds is then confirmed with one full trial, as the search runs them, at the
@@ -136,7 +137,9 @@ class StudyPlan:
         def run_probe(micro_batch: int, accumulation: int = 1, *, full: bool = False) -> TrialResult:
             config = TrialConfig(micro_batch, accumulation, workload.base_learning_rate)
             budget = probe_budget(self.trial_budget, config, full=full)
-            result = worker.run(config, budget, timeout=self.trial_timeout)
+            timeout = self.trial_timeout or probe_timeout(done, budget, workload.n_val)
+            result = worker.run(config, budget, timeout=timeout)
+            done.append(result)
             if result.status == "ok" and result.val_loss is not None:
                 losses.append(result.val_loss)
             if result.status == "ok":

@@ -46,6 +46,8 @@ PROBE_WINDOWS = 2
 PROBE_EVAL_BATCHES = 2
 #: how far below a micro-batch that did not fit the next probe looks, after a miss that followed a fit
 STEP_DOWN = 0.06
+#: until a probe has failed, the next looks at most this many times further out than the largest fit
+MAX_GROWTH = 8
 
 
 def probe_budget(trial_budget: TrialBudget, config: TrialConfig, *, full: bool = False) -> TrialBudget:
@@ -78,6 +80,34 @@ def probe_budget(trial_budget: TrialBudget, config: TrialConfig, *, full: bool =
         warmup_steps=1,
         min_timed_steps=1,
     )
+
+
+#: a probe's default time limit: this many times what the probes before it say it takes, and ...
+PROBE_TIMEOUT_FACTOR = 20
+#: ... never less than this many seconds (nor any limit before a probe has completed)
+PROBE_TIMEOUT_FLOOR = 120.0
+
+
+def probe_timeout(done: list[TrialResult], budget: TrialBudget, n_val: int) -> float | None:
+    """How long a probe with ``budget`` may run when the user set no trial timeout.
+
+    A probe that fills the cap usually dies of it, but not always: a TensorFlow probe once
+    sat at the cap in futex waits for over ten minutes, and with no limit it would have held
+    ``tune()`` forever. A probe that runs far longer than the completed ones (``done``) say
+    it should is taken as out of memory. The estimate is the slowest completed probe's
+    seconds per sample trained, over what this one trains and evaluates (evaluating costs
+    less than training, so it is generous), times :data:`PROBE_TIMEOUT_FACTOR`.
+    """
+    rates = [
+        result.timings["wall"] / result.samples_trained
+        for result in done
+        if result.status == "ok" and result.samples_trained and result.timings.get("wall")
+    ]
+    if not rates:
+        return None
+    val_samples = n_val if budget.val_samples is None else min(n_val, budget.val_samples)
+    expected = max(rates) * ((budget.train_samples or 0) + val_samples)
+    return max(PROBE_TIMEOUT_FLOOR, PROBE_TIMEOUT_FACTOR * expected)
 
 
 class ProbeError(AutobatchError):
@@ -257,6 +287,13 @@ def find_memory_wall(
             # The model puts the wall here, but nothing larger has failed yet: readings can
             # run a little high (copy-on-write pages in a forked trial), so step past it.
             guess = best_fit + max(1, math.ceil(best_fit * STALL_STEP))
+        if too_big is None:
+            # Small probes read mostly what is fixed (a runtime's pools, reused as the
+            # micro-batch grows), so the slope they give can be several times too low:
+            # TensorFlow's probes at 4 and 32 put the wall 2-5x past it, and a miss far past
+            # the wall is the dearest probe there is (it fills the cap, then dies). Growing
+            # by at most MAX_GROWTH lets a probe nearer the wall correct the slope first.
+            guess = min(guess, best_fit * MAX_GROWTH)
         if upper_limit is not None:
             guess = min(guess, upper_limit)
         misses_in_a_row = 0 if probe(guess) else misses_in_a_row + 1
