@@ -261,17 +261,36 @@ def test_tensorflow_measures_each_micro_batch_gradient_and_the_window_gradient()
 
 
 @pytest.mark.slow
-def test_noise_scale_of_linear_regression_is_within_20_percent_on_torch_and_pruning_reaches_the_trial():
+def test_noise_scale_of_linear_regression_is_within_20_percent_on_torch(monkeypatch):
+    pytest.importorskip("torch")
+    from autobatch import get_backend, load_workload
+    from autobatch.backends.torch import backend as torch_backend
+    from autobatch.core.progress import TrialProgress
+
+    # Every window measured, so the estimate rests on the same 512 windows on any machine: how many a
+    # trial measures is a matter of time (MeasuringBudget), and a slow machine's fewer windows made a
+    # 20 % tolerance fail one run in a few. What the share does to a trial is tested above and below.
+    monkeypatch.setattr(torch_backend, "MeasuringBudget", lambda: MeasuringBudget(share=1.0))
+    backend = get_backend("torch")
+    config, budget = TrialConfig(16, 4, tasks.FROZEN_LEARNING_RATE), TrialBudget(train_samples=2**15)
+    measured = backend.run_trial(load_workload(LINEAR), config, budget, "cpu", TrialProgress())
+    noise = measured.extras["gradient_noise"]
+    assert noise["windows"] == 2**15 // 64 and noise["window_size"] == 64
+    assert noise["b_simple"] == pytest.approx(tasks.TRUE_NOISE_SCALE, rel=0.2)
+
+
+@pytest.mark.slow
+def test_a_trial_measures_the_noise_in_a_share_of_its_windows_and_pruning_reaches_the_trial():
     pytest.importorskip("torch")
     from autobatch.process.worker import TrialWorker
 
     with TrialWorker(LINEAR, "torch", memory_budget="1GiB", device="cpu") as worker:
-        # Hooks cost this one-weight model a sixth of its window: the trial measures about one window in
-        # thirty (MeasuringBudget: 0.5 % of its time), so it trains 4096 windows for the ~128 a 20 % tolerance needs.
-        result = worker.run(TrialConfig(16, 4, tasks.FROZEN_LEARNING_RATE), TrialBudget(train_samples=2**18))
+        # Hooks cost this one-weight model a sixth to a third of its window: the trial measures one window
+        # in thirty to seventy (MeasuringBudget: 0.5 % of its time), and its estimate reaches the result.
+        result = worker.run(TrialConfig(16, 4, tasks.FROZEN_LEARNING_RATE), TrialBudget(train_samples=2**16))
         assert result.status == "ok", result.error
-        assert result.noise_scale == pytest.approx(tasks.TRUE_NOISE_SCALE, rel=0.2)
-        assert 64 <= result.gradient_noise["windows"] < 4096 and result.gradient_noise["window_size"] == 64
+        assert 4 <= result.gradient_noise["windows"] < 1024 and result.gradient_noise["window_size"] == 64
+        assert result.noise_scale is not None and result.noise_scale > 0
 
         # No accumulation, no second batch size: nothing to estimate.
         single = worker.run(TrialConfig(64, 1, tasks.FROZEN_LEARNING_RATE), TrialBudget(train_samples=1024))

@@ -36,7 +36,14 @@ import time
 import traceback
 from typing import TYPE_CHECKING
 
-from autobatch.process.child import CpuPeakMeter, allocator_setting, die_with_parent, enter_child, memory_status
+from autobatch.process.child import (
+    CpuPeakMeter,
+    allocator_setting,
+    die_with_parent,
+    enter_child,
+    memory_status,
+    thread_stack_bytes,
+)
 
 if TYPE_CHECKING:
     from autobatch.backends.base import Backend
@@ -113,6 +120,7 @@ def _send(results, result, timings: dict) -> None:
     result.timings.update(timings)
     result.extras["worker_mode"] = mode
     result.extras["allocator"] = allocator_setting()  # what the peak, and so the wall, was measured under
+    result.extras["thread_stack_bytes"] = thread_stack_bytes()  # each thread's share of RLIMIT_DATA
     results.write(json.dumps(result.to_dict()) + "\n")
     results.flush()
 

@@ -14,7 +14,7 @@ from typing import Any
 from autobatch.backends._trial import Trial, TrialBackend
 from autobatch.backends.base import DeviceConfigurationError
 from autobatch.backends.tensorflow import memory
-from autobatch.backends.tensorflow._framework import keras, tf
+from autobatch.backends.tensorflow._framework import keras, onednn_allocator, tf
 from autobatch.backends.tensorflow.accumulate import MicroBatchTrainer
 from autobatch.backends.tensorflow.data import common_spec
 from autobatch.backends.tensorflow.precision import MixedPrecision
@@ -200,7 +200,7 @@ class TensorFlowTrial(Trial):
         return self.trainer.evaluate_data(self.val, batch_size, limit)
 
     def extras(self) -> dict[str, Any]:
-        return {**super().extras(), "traces": dict(self.trainer.trace_counts)}
+        return {**super().extras(), "traces": dict(self.trainer.trace_counts), "tensor_allocator": onednn_allocator()}
 
 
 def _eager_context_started() -> bool:
