@@ -65,7 +65,10 @@ def enter_child(setup: dict[str, Any]) -> None:
     On the CPU, ``RLIMIT_DATA`` is set to the budget before any framework is imported: the
     whole process counts, so an allocation past the budget fails as the framework's own OOM
     (PyTorch: ``DefaultCPUAllocator: can't allocate memory``, TensorFlow:
-    ``ResourceExhaustedError``). On an accelerator the backend caps its allocator later.
+    ``ResourceExhaustedError``). Under that cap, threads then start with small stacks
+    (:func:`lower_thread_stacks`) and TensorFlow's tensors come from malloc
+    (:func:`tensorflow_tensors_from_malloc`), so that what the cap counts is what the model
+    holds. On an accelerator the backend caps its allocator later.
     """
     die_with_parent()
     budget_bytes = setup.get("memory_budget_bytes")
