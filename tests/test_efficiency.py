@@ -286,11 +286,15 @@ def test_a_trial_measures_the_noise_in_a_share_of_its_windows_and_pruning_reache
 
     with TrialWorker(LINEAR, "torch", memory_budget="1GiB", device="cpu") as worker:
         # Hooks cost this one-weight model a sixth to a third of its window: the trial measures one window
-        # in thirty to seventy (MeasuringBudget: 0.5 % of its time), and its estimate reaches the result.
+        # in thirty to seventy (MeasuringBudget: 0.5 % of its time), and what it measured reaches the result.
         result = worker.run(TrialConfig(16, 4, tasks.FROZEN_LEARNING_RATE), TrialBudget(train_samples=2**16))
         assert result.status == "ok", result.error
         assert 4 <= result.gradient_noise["windows"] < 1024 and result.gradient_noise["window_size"] == 64
-        assert result.noise_scale is not None and result.noise_scale > 0
+        # The estimate's parts reach the result; its accuracy is the test above's (with a few windows
+        # |G|² may not resolve, and the noise scale is then None)
+        noise = result.gradient_noise
+        assert math.isfinite(noise["grad_sq"]) and math.isfinite(noise["trace"]) and noise["trace"] != 0
+        assert result.noise_scale == noise["b_simple"]
 
         # No accumulation, no second batch size: nothing to estimate.
         single = worker.run(TrialConfig(64, 1, tasks.FROZEN_LEARNING_RATE), TrialBudget(train_samples=1024))
