@@ -75,9 +75,10 @@ def enter_child(setup: dict[str, Any]) -> None:
     if budget_bytes and setup["device"] == "cpu":
         import resource
 
-        resource.setrlimit(resource.RLIMIT_DATA, (budget_bytes, budget_bytes))
+        # Before the cap: under a budget too small to load in, the cap must be what fails, not ctypes
         lower_thread_stacks()
         tensorflow_tensors_from_malloc()
+        resource.setrlimit(resource.RLIMIT_DATA, (budget_bytes, budget_bytes))
     for entry in reversed(setup.get("sys_path", [])):
         if entry not in sys.path:
             sys.path.insert(0, entry)

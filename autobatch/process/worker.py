@@ -262,8 +262,12 @@ class TrialWorker:
                 result.peak_resident_bytes = result.peak_memory_bytes = rusage_kib * 1024
         result.memory_budget_bytes = self.memory_budget_bytes
         result.timings["wall"] = wall
-        if result.extras.get("worker_mode") != "fork":
-            self.close()  # a child that ran the trial itself has exited, or is stopped now
+        # A child that ran the trial itself has exited, or is stopped now. A forked trial that died
+        # was reported by the child it was forked from, which is still there, loaded and untouched:
+        # keeping it saves the next trial a framework import (TensorFlow: ~5 s after every OOM death).
+        forked_trial_died = bool(record.get("died")) and not timed_out
+        if result.extras.get("worker_mode") != "fork" and not forked_trial_died:
+            self.close()
         return result
 
     def _refuse_budget_below_load(self) -> None:
