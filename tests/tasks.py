@@ -44,3 +44,25 @@ def sleeps() -> Workload:
 
 def factory_raises() -> Workload:
     raise ValueError("no data here")
+
+
+def _dies_above_eight():
+    import torch
+
+    class DiesAboveEight(torch.nn.Module):
+        """A linear model whose process dies (SIGKILL, as the kernel's OOM killer ends one) on a batch above 8."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            if x.shape[0] > 8:
+                _kill_self()
+            return self.linear(x)
+
+    return DiesAboveEight()
+
+
+def dies_above_eight() -> Workload:
+    return _tiny({"torch": _dies_above_eight})

@@ -154,3 +154,19 @@ def test_a_budget_below_what_the_framework_needs_to_load_is_one_clear_line(comma
     assert "Traceback" not in done.stderr and "load_error" not in done.stderr
     if command == "trial":  # the worker's own budget, as given (tune's probes run under a share of it)
         assert done.stderr.strip() == line and "'1KiB'" in line
+
+
+def test_a_forked_trial_that_dies_leaves_its_loaded_worker_for_the_next_trial():
+    pytest.importorskip("torch")
+    from autobatch.process.worker import TrialWorker
+
+    with TrialWorker("tests.tasks:dies_above_eight", "torch", device="cpu") as worker:
+        first = worker.run(TrialConfig(4), TrialBudget(train_samples=16))
+        loaded = worker._process
+        died = worker.run(TrialConfig(16), TrialBudget(train_samples=32))
+        after = worker.run(TrialConfig(4), TrialBudget(train_samples=16))
+    assert first.status == after.status == "ok" and died.status != "ok", (first, died, after)
+    assert first.extras["worker_mode"] == after.extras["worker_mode"] == "fork"
+    # The same loaded process forked the trial after the death: no new interpreter, import or load
+    assert worker._process is None and loaded is not None  # closed on leaving the with block
+    assert after.timings["framework_import"] == 0.0 and after.timings["worker_start"] == 0.0
