@@ -98,8 +98,9 @@ def lower_thread_stacks(size_bytes: int = THREAD_STACK_BYTES) -> None:
     each, the 13 threads of a TensorFlow trial held ~60 MiB more of the budget than at
     2 MiB, which no peak reading sees (synthetic-images under 768 MiB: micro-batch 65 fitted,
     150 at 2 MiB; 1 MiB fitted no more, and leaves less room for deep recursion in a Python
-    thread). PyTorch's trial has 3 threads: it gained nothing measurable. This sets the default of every thread created without a size of its own
-    (``pthread_setattr_default_np``, glibc 2.18 and later; elsewhere nothing changes):
+    thread). PyTorch's trial has 3 threads: it gained nothing measurable. This sets the
+    default of every thread created without a size of its own (``pthread_setattr_default_np``,
+    glibc 2.18 and later; elsewhere nothing changes):
     TensorFlow's and tf.data's pools, oneDNN's, Python's threads, and PyTorch's OpenMP
     threads unless ``OMP_STACKSIZE`` sets theirs. The main thread's stack is not a mapping
     ``RLIMIT_DATA`` counts, and keeps its size. Forked trials inherit the setting.

@@ -15,17 +15,6 @@ import sys
 __all__ = ["keras", "onednn_allocator", "tf"]
 
 
-def _under_data_limit() -> bool:
-    """Whether this process runs under ``RLIMIT_DATA`` (a budgeted trial or training child on the CPU)."""
-    try:
-        import resource
-
-        soft_limit, _ = resource.getrlimit(resource.RLIMIT_DATA)
-    except (ImportError, OSError, ValueError):
-        return False
-    return soft_limit != resource.RLIM_INFINITY
-
-
 def onednn_allocator() -> str:
     """Where this process's CPU tensors come from, for a trial's extras: "malloc" or "BFC pool"."""
     # set by autobatch.process.child.enter_child under a CPU budget, before TensorFlow is imported
@@ -41,7 +30,14 @@ def _tensorflow_log_level(level: str) -> str:
     warning "OOM when allocating tensor"; that line, in the worker's log, is then the
     only evidence the worker has that the trial ran out of memory.
     """
-    return str(min(int(level), 1)) if _under_data_limit() and level.isdigit() else level
+    try:
+        import resource
+
+        soft_limit, _ = resource.getrlimit(resource.RLIMIT_DATA)
+        capped = soft_limit != resource.RLIM_INFINITY
+    except (ImportError, OSError, ValueError):
+        capped = False
+    return str(min(int(level), 1)) if capped and level.isdigit() else level
 
 
 @contextlib.contextmanager

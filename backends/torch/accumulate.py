@@ -189,7 +189,6 @@ class GradientNoiseMeter:
                 self._slots[index] = buffer[position]
         self._handles: list[Any] = []
         self._first_from_grad = False
-        self._hooked_micro_batches = 0  # this window's micro-batches whose norms the hooks wrote
         self._counted_micro_batches = 0
         self.seconds = 0.0
         self._shares: list[float] = []
