@@ -138,8 +138,19 @@ def test_tune_confirms_the_wall_at_its_search_spaces_largest_accumulation(max_ac
         device="cpu",
     )
     assert result.probe["accumulation_steps"] == max_accumulation
-    steps = [p["accumulation_steps"] for p in result.probe["probes"]]
-    assert steps.count(max_accumulation) == (1 if max_accumulation > 1 else len(steps))
+    probes = result.probe["probes"]
+    if max_accumulation == 1:
+        assert {p["accumulation_steps"] for p in probes} == {1}  # nothing left to confirm
+        return
+    # The synthetic wall is exact to 1 MiB (one sample), and two forked children's heaps differ by
+    # about that much, so the first confirmation may fail and step down: what must hold is that
+    # confirmations come last, only at the space's largest accumulation (never 8), and that the
+    # wall returned is the largest micro-batch one of them trained.
+    steps = [p["accumulation_steps"] for p in probes]
+    first = steps.index(max_accumulation)
+    assert set(steps[:first]) == {1} and set(steps[first:]) == {max_accumulation}, steps
+    confirmed = [p["micro_batch"] for p in probes[first:] if p["status"] == "ok"]
+    assert result.max_micro_batch == max(confirmed), probes[first:]
 
 
 @pytest.mark.slow
