@@ -24,7 +24,10 @@ For each workload and framework:
   the same allocator setting), under the margin-reduced cap (what the probe is held to) and
   under the full budget. Fitting is assumed monotone in the micro-batch: the bracket starts at
   the largest size the probe saw fit at one step, gallops out and is bisected to
-  :data:`TRUTH_PRECISION` of the wall.
+  :data:`TRUTH_PRECISION` of the wall. tune() claims its wall at the largest accumulation its
+  search tries (8 by default), so the minimal loop is bisected there too, under the reduced cap:
+  the same loop accumulating that many micro-batches per optimizer step (PyTorch: ``backward()``
+  into the same ``.grad`` buffers; TensorFlow: Keras's own ``gradient_accumulation_steps``).
 - Lightning ``Tuner.scale_batch_size(mode="binsearch")`` (3 steps per try, its own 5% margin)
   on the workload's **PyTorch** model, in a child process capped at the full budget (the user's
   process: every OOM it catches is counted). Lightning has no TensorFlow: TensorFlow's probe
@@ -132,6 +135,14 @@ def measure_workload(name: str, args, peers: list[str]) -> dict:
         seed = max([ours["found"]] + [p["micro_batch"] for p in ours["probes"] if _single_step_fit(p)])
         truths["reduced"] = true_wall(task, framework, reduced_bytes, ceiling, seed=seed)
         print(f"    {truths['reduced']['wall']} ({truths['reduced']['trials']} processes)", flush=True)
+        if ours["accumulation_steps"] > 1:
+            steps = ours["accumulation_steps"]
+            print(f"  minimal loop x{steps} under the 95% cap ...", flush=True)
+            truths["accumulated"] = true_wall(
+                task, framework, reduced_bytes, ceiling, ours["found"], accumulation=steps
+            )
+            truths["accumulated"]["accumulation_steps"] = steps
+            print(f"    {truths['accumulated']['wall']} ({truths['accumulated']['trials']} processes)", flush=True)
         checked = None
         if not args.quick:
             # The full budget leaves 5% more bytes, at the fitted bytes per sample: where to start looking.
@@ -287,20 +298,28 @@ def full_trial_fits(task: str, framework: str, micro_batch: int, cap_bytes: int)
 # --- the true wall: a minimal training loop, bisected, one fresh process per try ------------------
 
 
-def true_wall(task: str, framework: str, cap_bytes: int, ceiling: int, seed: int, known_fit: int | None = None) -> dict:
+def true_wall(
+    task: str,
+    framework: str,
+    cap_bytes: int,
+    ceiling: int,
+    seed: int,
+    known_fit: int | None = None,
+    accumulation: int = 1,
+) -> dict:
     """The largest micro-batch in [1, ceiling] whose minimal loop runs under ``cap_bytes``, to :data:`TRUTH_PRECISION`.
 
     Gallops out from ``seed`` (steps doubling from :data:`TRUTH_FIRST_STEP` of it) to a
     bracket, then bisects it; ``wall`` is the largest size that ran, ``lowest_failure`` the
     smallest that did not. ``known_fit``: a size that ran under a smaller cap, so it runs under
     this one without being tried (fitting is monotone in the cap too); the gallop then starts
-    from it, its first step reaching ``seed``.
+    from it, its first step reaching ``seed``. ``accumulation``: micro-batches per optimizer step.
     """
     started = time.perf_counter()
     outcomes: dict[int, str] = {}
 
     def check(micro_batch: int) -> bool:
-        outcomes[micro_batch] = loop_status(task, framework, micro_batch, cap_bytes)
+        outcomes[micro_batch] = loop_status(task, framework, micro_batch, cap_bytes, accumulation)
         return outcomes[micro_batch] == "ok"
 
     seed = max(1, min(seed, ceiling))
@@ -341,9 +360,12 @@ def true_wall(task: str, framework: str, cap_bytes: int, ceiling: int, seed: int
     }
 
 
-def loop_status(task: str, framework: str, micro_batch: int, cap_bytes: int, timeout: float = 300) -> str:
+def loop_status(
+    task: str, framework: str, micro_batch: int, cap_bytes: int, accumulation: int = 1, timeout: float = 300
+) -> str:
     """Run the minimal loop in ``python probe.py --loop`` under ``cap_bytes``: "ok", "oom", or how it ended."""
     spec = {"task": task, "framework": framework, "micro_batch": micro_batch, "cap_bytes": cap_bytes}
+    spec["accumulation"] = accumulation
     try:
         completed = subprocess.run(
             [sys.executable, str(Path(__file__).resolve()), "--loop", json.dumps(spec)],
@@ -393,7 +415,7 @@ def loop_main(spec: dict) -> int:
     try:
         task = load_task(spec["task"])
         train = _torch_loop if framework == "torch" else _tensorflow_loop
-        train(task, spec["micro_batch"])
+        train(task, spec["micro_batch"], spec.get("accumulation", 1))
     except BaseException as error:  # noqa: BLE001 - the parent reads the last line
         oom = isinstance(error, MemoryError) or get_backend(framework).is_oom(error)
         first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
@@ -403,31 +425,36 @@ def loop_main(spec: dict) -> int:
     return 0
 
 
-def _batches(task, micro_batch: int):
-    """:data:`LOOP_STEPS` batches of ``micro_batch`` consecutive training samples, wrapping around the split."""
-    for step in range(LOOP_STEPS):
+def _batches(task, micro_batch: int, count: int = LOOP_STEPS):
+    """``count`` batches of ``micro_batch`` consecutive training samples, wrapping around the split."""
+    for step in range(count):
         rows = (np.arange(micro_batch) + step * micro_batch) % task.n_train
         yield task.x_train[rows], task.y_train[rows]
 
 
-def _torch_loop(task, micro_batch: int) -> None:
+def _torch_loop(task, micro_batch: int, accumulation: int = 1) -> None:
     import torch
 
     model = task.build_model("torch")
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=task.base_learning_rate)
-    for x, y in _batches(task, micro_batch):
-        optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y)).backward()
-        optimizer.step()
+    for index, (x, y) in enumerate(_batches(task, micro_batch, LOOP_STEPS * accumulation)):
+        if index % accumulation == 0:
+            optimizer.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
+        (loss / accumulation).backward()
+        if index % accumulation == accumulation - 1:
+            optimizer.step()
 
 
-def _tensorflow_loop(task, micro_batch: int) -> None:
+def _tensorflow_loop(task, micro_batch: int, accumulation: int = 1) -> None:
     import keras
     import tensorflow as tf
 
     model = task.build_model("tensorflow")
-    optimizer = keras.optimizers.Adam(learning_rate=task.base_learning_rate)
+    # Keras's own accumulation: gradients summed into variables, applied every `accumulation` calls
+    steps = accumulation if accumulation > 1 else None
+    optimizer = keras.optimizers.Adam(learning_rate=task.base_learning_rate, gradient_accumulation_steps=steps)
 
     @tf.function
     def step(x, y):
@@ -438,7 +465,7 @@ def _tensorflow_loop(task, micro_batch: int) -> None:
         optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
         return loss
 
-    for x, y in _batches(task, micro_batch):
+    for x, y in _batches(task, micro_batch, LOOP_STEPS * accumulation):
         step(tf.constant(x), tf.constant(y)).numpy()
 
 
@@ -729,6 +756,7 @@ def render(run: Run, cases: list[dict], peers: list[str]) -> str:
         "micro-batch found",
         "true wall (minimal loop), same cap",
         "found / true (95% cap)",
+        "found / true ×N, the accumulation the wall is claimed at (95% cap)",
         "found / true (full budget)",
         "seconds",
         "seconds ÷ Lightning binsearch (PyTorch)",
@@ -746,6 +774,7 @@ def render(run: Run, cases: list[dict], peers: list[str]) -> str:
             ours, truths = measured["ours"], measured["truths"]
             reduced = truths["reduced"]["wall"]
             full = truths["full"]["wall"] if "full" in truths else None
+            accumulated = truths["accumulated"]["wall"] if "accumulated" in truths else None
             speed = ours["seconds"] / reference if reference else None
             rows.append(
                 [
@@ -756,6 +785,7 @@ def render(run: Run, cases: list[dict], peers: list[str]) -> str:
                     ours["found"],
                     reduced,
                     _ratio(ours["found"], reduced),
+                    _ratio(ours["found"], accumulated),
                     _ratio(ours["found"], full),
                     f"{ours['seconds']:.1f}",
                     f"{speed:.2f}×" if speed else "–",
@@ -765,19 +795,23 @@ def render(run: Run, cases: list[dict], peers: list[str]) -> str:
                     _status_cell(measured["checked"]),
                 ]
             )
-            for label, cap in (("reduced", case["reduced_bytes"]), ("full", case["budget_bytes"])):
+            caps = (("reduced", case["reduced_bytes"]), ("accumulated", case["reduced_bytes"]))
+            for label, cap in (*caps, ("full", case["budget_bytes"])):
                 if label not in truths:
                     continue
                 truth = truths[label]
+                steps = truth.get("accumulation_steps", 1)
                 rows.append(
                     [
                         where,
                         FRAMEWORK_NAMES[framework],
-                        "true wall: minimal loop, bisected (fresh processes)",
+                        "true wall: minimal loop, bisected (fresh processes)"
+                        + (f", ×{steps} accumulation" if steps > 1 else ""),
                         _gib(cap),
                         truth["wall"],
                         truth["wall"],
                         _ratio(truth["wall"], reduced),
+                        _ratio(truth["wall"], accumulated),
                         _ratio(truth["wall"], full),
                         f"{truth['seconds']:.0f}",
                         "–",
@@ -788,13 +822,21 @@ def render(run: Run, cases: list[dict], peers: list[str]) -> str:
                     ]
                 )
                 truth_notes.append(
-                    f"{case['name']}, {FRAMEWORK_NAMES[framework]}, {label} cap: "
+                    f"{case['name']}, {FRAMEWORK_NAMES[framework]}, "
+                    + (f"×{steps}, 95% cap: " if label == "accumulated" else f"{label} cap: ")
                     + ", ".join(f"{m}:{_short_status(s)}" for m, s in truth["outcomes"].items())
                 )
             ratio = ours["found"] / reduced if reduced else float("nan")
+            claimed = ""
+            if accumulated:
+                at = ours["found"] / accumulated
+                claimed = (
+                    f", against the loop at ×{ours['accumulation_steps']} {ours['found']}/{accumulated} = {at:.3f} "
+                    f"(**{'met' if at >= FOUND_TARGET else 'not met'}**)"
+                )
             targets.append(
                 f"- {case['name']}, {FRAMEWORK_NAMES[framework]}: found/true {ours['found']}/{reduced} = {ratio:.3f} "
-                f"(≥ {FOUND_TARGET}: **{'met' if ratio >= FOUND_TARGET else 'not met'}**); "
+                f"(≥ {FOUND_TARGET}: **{'met' if ratio >= FOUND_TARGET else 'not met'}**){claimed}; "
                 + (
                     f"seconds {ours['seconds']:.1f} vs Lightning binsearch {reference:.1f} = {speed:.2f}× "
                     f"(≤ {SPEED_TARGET}×: **{'met' if speed <= SPEED_TARGET else 'not met'}**)"
@@ -827,7 +869,7 @@ def render(run: Run, cases: list[dict], peers: list[str]) -> str:
                     _status_cell(report.get("checked")),
                 ]
             )
-    table = markdown_table(headers, rows, align="lllrrrrrrrrrrl")
+    table = markdown_table(headers, rows, align="lllrrrrrrrrrrrl")
     peer_notes = [
         f"- {case['name']}, {name}: search {r.get('seconds', r.get('seconds_to_failure', float('nan'))):.1f} s, "
         f"child process {r['process_seconds']:.1f} s (imports {r.get('import_seconds', float('nan')):.1f} s), "
@@ -849,12 +891,14 @@ def render(run: Run, cases: list[dict], peers: list[str]) -> str:
             "",
             table,
             "",
-            "Targets (found/true against the minimal loop under the same 95% cap; seconds against Lightning's "
-            "binsearch on the PyTorch model, for TensorFlow too: Lightning has no TensorFlow):",
+            "Targets (found/true against the minimal loop under the same 95% cap, at one step and at the "
+            "accumulation tune() claims the wall for; seconds against Lightning's binsearch on the PyTorch model, "
+            "for TensorFlow too: Lightning has no TensorFlow):",
             "",
             *targets,
             "",
-            "Where autobatch's probe seconds go (probe phase of `tune()`: micro-batch[×accumulation]:status seconds "
+            "Where autobatch's probe seconds go (probe phase of `tune()`: micro-batch[×accumulation][c: the "
+            "confirmation, a full trial]:status seconds "
             "per probe, each probe's seconds from sending it to the worker to its result; the rest is the "
             "worker's start, framework import and task load, fitting, and the study's bookkeeping):",
             "",
@@ -863,8 +907,10 @@ def render(run: Run, cases: list[dict], peers: list[str]) -> str:
             "Notes:",
             "",
             "- autobatch runs with tune()'s default trial budget and search space: probes train two windows with "
-            "an evaluation of two batches between them; the probes marked ×N are the confirmation, full trials at "
-            "the largest accumulation the search tries under the same 95% cap, lowering the wall until one runs. "
+            "an evaluation of two batches between them; the probes marked ×2 are short probes at two accumulation "
+            "steps, which place the wall where the gradients held across a window still fit; those marked c are the "
+            "confirmation, full trials at the largest accumulation the search tries under the same 95% cap, "
+            "lowering the wall until one runs. "
             "Its seconds are the probe phase alone (`autobatch_probe.seconds`), worker start included.",
             f"- The true wall: the task's model, data and loss, Adam, {LOOP_STEPS} optimizer steps on "
             f"consecutive batches of the training split, no evaluation; one fresh process per size tried, entered "
@@ -877,6 +923,9 @@ def render(run: Run, cases: list[dict], peers: list[str]) -> str:
                 else "; the full-budget bisection "
                 "starts at the 95% cap's wall plus 5% of the budget at the probe's fitted bytes per sample."
             ),
+            "- The minimal loop at ×N accumulates N micro-batches per optimizer step (PyTorch: backward() into "
+            "the same .grad buffers; TensorFlow: keras.optimizers.Adam(gradient_accumulation_steps=N)), "
+            f"{LOOP_STEPS} optimizer steps, bisected from the probe's answer under the 95% cap.",
             "- Sizes tried by the minimal loop (micro-batch:status): " + "; ".join(truth_notes) + ".",
             "- The last column: a full trial (tune's default 2048 samples or two windows, whichever is more, and "
             "the whole validation split; accumulation 1) at the size found, in a fresh process under the full "
@@ -898,20 +947,28 @@ def render(run: Run, cases: list[dict], peers: list[str]) -> str:
 def _where_time_goes(name: str, framework: str, ours: dict) -> str:
     probes = ours["probes"]
     spent = sum(p.get("seconds") or 0.0 for p in probes)
-    confirmation = sum(p.get("seconds") or 0.0 for p in probes if p.get("accumulation_steps", 1) > 1)
+    by_phase = {phase: 0.0 for phase in ("one step", "accumulated", "confirmation")}
+    for p in probes:
+        by_phase[_phase(p)] += p.get("seconds") or 0.0
     listed = ", ".join(
-        f"{p['micro_batch']}{'×' + str(p['accumulation_steps']) if p.get('accumulation_steps', 1) > 1 else ''}:"
-        f"{p['status']} {p.get('seconds') or 0.0:.1f}"
+        f"{p['micro_batch']}{'×' + str(p['accumulation_steps']) if p.get('accumulation_steps', 1) > 1 else ''}"
+        f"{'c' if _phase(p) == 'confirmation' else ''}:{p['status']} {p.get('seconds') or 0.0:.1f}"
         for p in probes
     )
     start = next((p.get("timings", {}) for p in probes), {})
     loaded = sum(start.get(k, 0.0) for k in ("worker_start", "framework_import", "task_load"))
     return (
-        f"- {name}, {FRAMEWORK_NAMES[framework]}: {ours['seconds']:.1f} s = probes {spent - confirmation:.1f} s "
-        f"+ confirmation {confirmation:.1f} s + other {ours['seconds'] - spent:.1f} s (first worker's start, "
+        f"- {name}, {FRAMEWORK_NAMES[framework]}: {ours['seconds']:.1f} s = probes at one step "
+        f"{by_phase['one step']:.1f} s + short probes at two steps {by_phase['accumulated']:.1f} s "
+        f"+ confirmation {by_phase['confirmation']:.1f} s + other {ours['seconds'] - spent:.1f} s (first worker's start, "
         f"import and load: {loaded:.1f} s); {listed}. "
         f"Whole tune() call (no search trial): {ours['tune_seconds']:.1f} s."
     )
+
+
+def _phase(probe: dict) -> str:
+    """What a probe was for; records from before probes named their phase: confirmations were the only ones past one step."""
+    return probe.get("phase") or ("confirmation" if probe.get("accumulation_steps", 1) > 1 else "one step")
 
 
 def plot(args, cases: list[dict]) -> None:

@@ -11,7 +11,7 @@ import pytest
 from autobatch import SearchSpace, TrialBudget, TrialConfig, TrialResult, run_trial, tune
 from autobatch.process.child import allocator_environment
 from autobatch.process.worker import TrialWorker
-from autobatch.search.probe import ProbeError, ProbeResult, find_memory_wall
+from autobatch.search.probe import MAX_ACCUMULATED_PROBES, ProbeError, ProbeResult, find_memory_wall
 
 MIB = 2**20
 SYNTHETIC = dict(task="tests.synthetic_backend:workload", backend="tests.synthetic_backend:SyntheticBackend")
@@ -119,6 +119,49 @@ def test_a_wall_that_holds_at_the_largest_accumulation_costs_one_confirmation():
     assert (unconfirmed.accumulation_steps, confirmed.accumulation_steps) == (1, 8)
 
 
+def test_short_probes_at_two_steps_place_the_wall_so_that_one_confirmation_holds():
+    # Holding the gradients across a window adds a fixed 30 MiB at any accumulation past one
+    # (PyTorch's .grad, TensorFlow's accumulators): the short probes at two steps must find the
+    # lower wall, so that the full trial at eight runs once, and fits.
+    budget, margin = 1024 * MIB, 0.05
+    cap = budget * (1 - margin)
+    at_one = _affine_runner(1, cap, 300 * MIB, 2.0 * MIB)
+    at_two, at_eight = (_affine_runner(steps, cap, 330 * MIB, 2.0 * MIB) for steps in (2, 8))
+    probe = find_memory_wall(at_one, budget, safety_margin=margin, confirm=at_eight, accumulated=at_two)
+    wall_at_eight = math.floor((cap - 330 * MIB) / (2.0 * MIB))
+    assert wall_at_eight * 0.98 <= probe.max_micro_batch <= wall_at_eight
+    phases = [p["phase"] for p in probe.probes]
+    assert phases == sorted(phases, key=["one step", "accumulated", "confirmation"].index), phases
+    assert 2 <= phases.count("accumulated") <= 1 + MAX_ACCUMULATED_PROBES
+    assert [p["status"] for p in probe.probes if p["phase"] == "confirmation"] == ["ok"]
+    assert {p["accumulation_steps"] for p in probe.probes if p["phase"] == "accumulated"} == {2}
+
+
+def test_a_wall_that_the_short_probes_place_too_high_is_still_lowered_by_the_confirmation():
+    # Memory that grows with the steps themselves (10 % more per sample at eight): two steps do
+    # not show it, the confirmation does, and steps down from where the short probes left off.
+    budget, margin = 1024 * MIB, 0.05
+    cap = budget * (1 - margin)
+    at_one = _affine_runner(1, cap, 300 * MIB, 2.0 * MIB)
+    at_two = _affine_runner(2, cap, 330 * MIB, 2.0 * MIB)
+    at_eight = _affine_runner(8, cap, 330 * MIB, 2.2 * MIB)
+    probe = find_memory_wall(at_one, budget, safety_margin=margin, confirm=at_eight, accumulated=at_two)
+    wall_at_eight = math.floor((cap - 330 * MIB) / (2.2 * MIB))
+    assert wall_at_eight * 0.97 <= probe.max_micro_batch <= wall_at_eight
+    assert {p["status"] for p in probe.probes if p["phase"] == "confirmation"} == {"ok", "oom"}
+
+
+def test_a_small_micro_batch_that_does_not_fit_at_two_steps_leaves_the_wall_to_the_confirmation():
+    budget, margin = 1024 * MIB, 0.05
+    cap = budget * (1 - margin)
+    at_one = _affine_runner(1, cap, 300 * MIB, 2.0 * MIB)
+    at_two = _affine_runner(2, cap, 2000 * MIB, 2.0 * MIB)
+    with pytest.raises(ProbeError, match="at accumulation 8, the largest the search"):
+        find_memory_wall(
+            at_one, budget, safety_margin=margin, accumulated=at_two, confirm=_affine_runner(8, cap, 2000 * MIB, 0)
+        )
+
+
 def test_no_micro_batch_that_fits_at_the_largest_accumulation_is_a_probe_error():
     budget, margin = 1024 * MIB, 0.05
     cap = budget * (1 - margin)
@@ -143,14 +186,14 @@ def test_tune_confirms_the_wall_at_its_search_spaces_largest_accumulation(max_ac
         assert {p["accumulation_steps"] for p in probes} == {1}  # nothing left to confirm
         return
     # The synthetic wall is exact to 1 MiB (one sample), and two forked children's heaps differ by
-    # about that much, so the first confirmation may fail and step down: what must hold is that
-    # confirmations come last, only at the space's largest accumulation (never 8), and that the
-    # wall returned is the largest micro-batch one of them trained.
-    steps = [p["accumulation_steps"] for p in probes]
-    first = steps.index(max_accumulation)
-    assert set(steps[:first]) == {1} and set(steps[first:]) == {max_accumulation}, steps
-    confirmed = [p["micro_batch"] for p in probes[first:] if p["status"] == "ok"]
-    assert result.max_micro_batch == max(confirmed), probes[first:]
+    # about that much, so the first confirmation may fail and step down: what must hold is that the
+    # probes at one step come first, then the short ones at two, then the confirmations, only at the
+    # space's largest accumulation (never 8), and that the wall is the largest one of them trained.
+    phases = [(p["phase"], p["accumulation_steps"]) for p in probes]
+    order = [("one step", 1), ("accumulated", 2), ("confirmation", max_accumulation)]
+    assert phases == sorted(phases, key=order.index), phases
+    confirmed = [p["micro_batch"] for p in probes if p["phase"] == "confirmation" and p["status"] == "ok"]
+    assert result.max_micro_batch == max(confirmed), probes
 
 
 @pytest.mark.slow

@@ -24,7 +24,13 @@ from autobatch.errors import AutobatchError, InvalidParameterError, StorageError
 from autobatch.search.fidelity import plan_fidelity
 from autobatch.search.horizon import Horizon
 from autobatch.search.objectives import Objective, get_objective
-from autobatch.search.probe import ProbeResult, find_memory_wall, probe_budget, probe_timeout
+from autobatch.search.probe import (
+    ACCUMULATED_PROBE_STEPS,
+    ProbeResult,
+    find_memory_wall,
+    probe_budget,
+    probe_timeout,
+)
 from autobatch.search.space import SearchSpace, scaled_learning_rate
 from autobatch.tasks.optimizers import optimizer_family
 
@@ -157,6 +163,12 @@ class StudyPlan:
             on_probe=self.on_probe,
             # The wall must hold for every searched config: confirmed with a full trial at the largest accumulation.
             confirm=functools.partial(run_probe, accumulation=space.max_accumulation, full=True),
+            # ... which starts where short probes at two steps put it, when the search accumulates
+            accumulated=(
+                functools.partial(run_probe, accumulation=ACCUMULATED_PROBE_STEPS)
+                if space.max_accumulation > 1
+                else None
+            ),
         )
         if space.min_micro_batch > probe.max_micro_batch:
             raise InvalidParameterError(

@@ -11,10 +11,13 @@ A probe needs the peak, not the throughput or the loss, so it stops when it know
 runs with it), an evaluation of a few batches at the evaluation batch size, one more
 window (training resumes after evaluation: the allocator's fragmentation, which a probe
 without it once missed), and the windows that time it. The probes run at one accumulation
-step; the search runs up to its largest. Nothing a backend holds should grow with the steps
-(each micro-batch is fetched when it is used), but a model's or an allocator's may: so the
-wall is last confirmed with a full trial at the largest accumulation searched, and lowered
-until it holds there too.
+step; the search runs up to its largest. From a window's second micro-batch on, the gradients
+are held while the next forward pass builds its activations (PyTorch's ``.grad``, TensorFlow's
+accumulators): a fixed extra, about the parameters' size, that one step does not pay at its
+peak. Short probes at two steps measure it and move the wall down by it. Nothing else a backend
+holds should grow with the steps (each micro-batch is fetched when it is used), but a model's
+or an allocator's may: so the wall is last confirmed with a full trial at the largest
+accumulation searched, and lowered until it holds there too.
 """
 
 from __future__ import annotations
@@ -48,6 +51,11 @@ PROBE_EVAL_BATCHES = 2
 STEP_DOWN = 0.06
 #: until a probe has failed, the next looks at most this many times further out than the largest fit
 MAX_GROWTH = 8
+#: the accumulation of the short probes that place the confirmation: two steps hold the gradients
+#: across a forward pass as any larger number does
+ACCUMULATED_PROBE_STEPS = 2
+#: short probes at two steps, past the one that measures what accumulating adds
+MAX_ACCUMULATED_PROBES = 4
 
 
 def probe_budget(trial_budget: TrialBudget, config: TrialConfig, *, full: bool = False) -> TrialBudget:
@@ -206,6 +214,7 @@ def find_memory_wall(
     upper_limit: int | None = None,
     on_probe: Callable[[int, TrialResult], None] | None = None,
     confirm: ProbeRunner | None = None,
+    accumulated: ProbeRunner | None = None,
 ) -> ProbeResult:
     """The largest micro-batch whose peak stays within ``(1 - safety_margin) × budget_bytes``.
 
@@ -214,6 +223,10 @@ def find_memory_wall(
     peak readings only guide where to probe next. ``upper_limit`` caps the answer.
     ``confirm(m)`` runs a full trial at the largest accumulation the search will try:
     the wall is confirmed with it, and lowered until a confirmation completes.
+    ``accumulated(m)`` runs a short probe at :data:`ACCUMULATED_PROBE_STEPS` steps: with it,
+    the confirmation starts where the gradients held across a window still fit
+    (:func:`_wall_when_accumulating`), so a full trial at the largest accumulation usually
+    runs once, not once per step down.
     """
     started = time.perf_counter()
     limit = budget_bytes * (1.0 - safety_margin)
@@ -221,7 +234,7 @@ def find_memory_wall(
     too_big: int | None = None  # smallest micro-batch known not to fit
     probes: list[dict] = []
 
-    def run(runner: ProbeRunner, micro_batch: int) -> TrialResult:
+    def run(runner: ProbeRunner, micro_batch: int, phase: str = "one step") -> TrialResult:
         result = runner(micro_batch)
         if on_probe is not None:
             on_probe(micro_batch, result)
@@ -229,6 +242,7 @@ def find_memory_wall(
             {
                 "micro_batch": micro_batch,
                 "accumulation_steps": result.config.accumulation_steps,
+                "phase": phase,  # "one step", "accumulated" (short, two steps) or "confirmation" (full)
                 "status": result.status,
                 "peak_memory_bytes": result.peak_memory_bytes,
                 # what a trial costs, which plans how far the search's trials can train (search/fidelity.py)
@@ -301,7 +315,10 @@ def find_memory_wall(
     wall = max(fits)
     accumulation = 1
     if confirm is not None:
-        wall, accumulation = _confirm_wall(wall, lambda micro_batch: run(confirm, micro_batch), budget_bytes)
+        if accumulated is not None:
+            wall = _wall_when_accumulating(wall, fits, lambda micro_batch: run(accumulated, micro_batch, "accumulated"))
+        confirming = lambda micro_batch: run(confirm, micro_batch, "confirmation")  # noqa: E731
+        wall, accumulation = _confirm_wall(wall, confirming, budget_bytes)
     return ProbeResult(
         max_micro_batch=wall,
         memory_model=MemoryModel.fit(sorted(fits.items())),
@@ -311,6 +328,37 @@ def find_memory_wall(
         seconds=time.perf_counter() - started,
         accumulation_steps=accumulation,
     )
+
+
+def _wall_when_accumulating(wall: int, fits: dict[int, int], run_accumulated: Callable[[int], TrialResult]) -> int:
+    """Where the confirmation starts: the largest micro-batch up to ``wall`` whose short probe fits at two steps.
+
+    One short probe at a small micro-batch that fitted at one step measures what holding the
+    gradients adds to its peak; ``wall`` less that many bytes, at the fitted bytes per
+    sample, is the first guess. From there the probes gallop (2 %, 4 %, ... of the guess)
+    toward the other end of the bracket and bisect once both ends are known, never past
+    ``wall``. Readings only place the first guess; what fits is what ran.
+    """
+    small = max((m for m in fits if m <= wall // 2), default=min(fits))
+    reading = run_accumulated(small)
+    if reading.status != "ok" or reading.peak_memory_bytes is None:
+        return wall  # accumulating costs more than a small micro-batch holds: the confirmation steps down
+    extra = max(0, reading.peak_memory_bytes - fits[small])
+    slope = MemoryModel.fit(sorted(fits.items())).bytes_per_sample
+    guess = wall if slope <= 0 else wall - math.ceil(extra / slope)
+    low, high = small, wall + 1  # fits at two steps; not known to (nothing past the one-step wall is tried)
+    micro_batch, step = max(small + 1, min(wall, guess)), max(1, int(guess * CLOSE_ENOUGH))
+    for _ in range(MAX_ACCUMULATED_PROBES):
+        if micro_batch >= high or micro_batch <= low:
+            break
+        if run_accumulated(micro_batch).status == "ok":
+            low, micro_batch = micro_batch, min(micro_batch + step, (micro_batch + high) // 2)
+        else:
+            high, micro_batch = micro_batch, max(micro_batch - step, (low + micro_batch) // 2)
+        if high - low <= max(1, int(low * CLOSE_ENOUGH)):
+            break
+        step *= 2
+    return low
 
 
 def _confirm_wall(wall: int, run_confirm: Callable[[int], TrialResult], budget_bytes: int) -> tuple[int, int]:
