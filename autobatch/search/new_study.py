@@ -163,10 +163,11 @@ class StudyPlan:
             on_probe=self.on_probe,
             # The wall must hold for every searched config: confirmed with a full trial at the largest accumulation.
             confirm=functools.partial(run_probe, accumulation=space.max_accumulation, full=True),
-            # ... which starts where short probes at two steps put it, when the search accumulates
+            # ... which starts where short probes at two steps put it, when the search goes past two
+            # (at two, the confirmation itself costs about what they would)
             accumulated=(
                 functools.partial(run_probe, accumulation=ACCUMULATED_PROBE_STEPS)
-                if space.max_accumulation > 1
+                if space.max_accumulation > ACCUMULATED_PROBE_STEPS
                 else None
             ),
         )
