@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TENSORFLOW_SPEC ?= $(if $(filter x86_64,$(shell uname -m)),tensorflow-cpu>=2.16,tensorflow>=2.16)
 EXTRAS ?= torch,dashboard,postgres,studies,lightning,huggingface,dev
 
-.PHONY: demo test test-gpu lint bench venv clean
+.PHONY: demo test test-all test-gpu lint bench venv clean
 
 venv: $(VENV)/.installed
 
@@ -24,7 +24,12 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(VENV)/bin/autobatch tune digits-cnn --backend torch --memory-budget 1GiB --horizon 20ep --trials 12 --study-name demo-digits-cnn-20ep
 
+# The default run, CI's: everything but the `extended` end-to-end runs, whose guarantees faster
+# tests check too (pyproject's markers say which); `make test-all` adds them (about 5 minutes more).
 test: venv
+	$(PY) -m pytest -m "not extended"
+
+test-all: venv
 	$(PY) -m pytest
 
 # The GPU tests, on a machine with an NVIDIA GPU and its driver: a separate venv with the CUDA

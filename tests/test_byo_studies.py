@@ -64,6 +64,8 @@ def test_tiny_gpt2_finds_its_wall_on_the_longest_sequences(tmp_path):
     assert result.recommended["val_loss"] < 5.545  # below log(256): the model learned from its first samples
 
 
+# BatchNorm's smallest micro-batch is tests/test_torch_task.py's to check, fast; this is the real torchvision model
+@pytest.mark.extended
 def test_resnet18_with_batch_norm_never_trains_on_one_sample(tmp_path):
     pytest.importorskip("torch")
     from autobatch.studies.resnet18 import TRAIN_SAMPLES
@@ -77,6 +79,9 @@ def test_resnet18_with_batch_norm_never_trains_on_one_sample(tmp_path):
     assert all(trial.user_attrs["micro_batch_size"] >= 2 for trial in result.study.trials)
 
 
+# A compiled Keras model on tf.data, longest sequences measured: tests/test_keras_task.py's trials check
+# it fast, tests/test_wall.py a TensorFlow study's wall; this is the whole study on the real model
+@pytest.mark.extended
 def test_keras_text_finds_its_wall_on_the_longest_sequences(tmp_path, monkeypatch):
     pytest.importorskip("tensorflow")
     # oneDNN's CPU allocator waits 10 s for memory before it reports an OOM (AllocatorRetry); without

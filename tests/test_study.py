@@ -308,6 +308,8 @@ def test_bad_input_leaves_the_storage_as_it_was(tmp_path):
 
 
 @pytest.mark.slow
+# Resuming without a second probe is tests/test_reliability.py's to check in the default run; this is the CLI's
+@pytest.mark.extended
 def test_cli_tune_on_synthetic_images_then_resume_without_probing_again(run_cli, tmp_path):
     args = [
         "tune",

@@ -269,6 +269,8 @@ def test_micro_batching_saves_memory_for_real():
 
 
 @pytest.mark.slow
+# The CLI's tune is checked on PyTorch, TensorFlow's studies through tune() (tests/test_wall.py)
+@pytest.mark.extended
 def test_cli_tune_digits_cnn_on_tensorflow_recommends_a_feasible_config(run_cli, tmp_path):
     import json
 
