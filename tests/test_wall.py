@@ -151,6 +151,43 @@ def test_a_wall_that_the_short_probes_place_too_high_is_still_lowered_by_the_con
     assert {p["status"] for p in probe.probes if p["phase"] == "confirmation"} == {"ok", "oom"}
 
 
+def test_a_flat_memory_model_does_not_read_a_reading_difference_as_a_lower_wall():
+    # Memory flat in the micro-batch (a few KiB per sample) and two steps reading 40 KiB more, as two
+    # forked trials' peaks differ: divided by the slope that is a wall of no size; it must be read as
+    # nothing, and the wall at one step stand (tests/test_study_paths.py's cliff task once fell 48 -> 12).
+    budget, margin = 1024 * MIB, 0.05
+    cap = budget * (1 - margin)
+    at_one = _affine_runner(1, cap, 300 * MIB, 4096)
+    at_two, at_eight = (_affine_runner(steps, cap, 300 * MIB + 40 * 1024, 4096) for steps in (2, 8))
+    unconfirmed = find_memory_wall(at_one, budget, safety_margin=margin, upper_limit=4096)
+    probe = find_memory_wall(
+        at_one, budget, safety_margin=margin, upper_limit=4096, confirm=at_eight, accumulated=at_two
+    )
+    assert probe.max_micro_batch == unconfirmed.max_micro_batch == 4096
+
+
+def test_an_estimate_far_off_is_bisected_to_the_wall_at_two_steps():
+    # Two steps hold 10 MiB more, but the small probe reads 200 MiB more (a transient it caught):
+    # the first guess lands 100 samples low, and the probes must still close in on the wall.
+    budget, margin = 1024 * MIB, 0.05
+    cap = budget * (1 - margin)
+    at_one = _affine_runner(1, cap, 300 * MIB, 2.0 * MIB)
+    holds_more = _affine_runner(2, cap, 310 * MIB, 2.0 * MIB)
+
+    def at_two(micro_batch):
+        result = holds_more(micro_batch)
+        if result.status == "ok":
+            result.peak_memory_bytes += 190 * MIB  # misread, within the cap or not: only the status counts
+        return result
+
+    wall = math.floor((cap - 310 * MIB) / (2.0 * MIB))
+    probe = find_memory_wall(
+        at_one, budget, safety_margin=margin, confirm=_affine_runner(8, cap, 310 * MIB, 2.0 * MIB), accumulated=at_two
+    )
+    assert wall * 0.98 <= probe.max_micro_batch <= wall
+    assert sum(p["phase"] == "accumulated" for p in probe.probes) <= 1 + MAX_ACCUMULATED_PROBES
+
+
 def test_a_small_micro_batch_that_does_not_fit_at_two_steps_leaves_the_wall_to_the_confirmation():
     budget, margin = 1024 * MIB, 0.05
     cap = budget * (1 - margin)

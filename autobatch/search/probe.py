@@ -54,8 +54,13 @@ MAX_GROWTH = 8
 #: the accumulation of the short probes that place the confirmation: two steps hold the gradients
 #: across a forward pass as any larger number does
 ACCUMULATED_PROBE_STEPS = 2
-#: short probes at two steps, past the one that measures what accumulating adds
-MAX_ACCUMULATED_PROBES = 4
+#: short probes at two steps, past the one that measures what accumulating adds: the first
+#: GALLOP_PROBES step out from the estimate (usually right), the rest bisect what is left
+MAX_ACCUMULATED_PROBES = 8
+GALLOP_PROBES = 2
+#: what accumulating adds is read as nothing below this: two forked trials' peaks differ by about
+#: 1 MiB, and divided by a flat model's bytes per sample that would be a wall of no size at all
+READING_FLOOR_BYTES = 2 * 2**20
 
 
 def probe_budget(trial_budget: TrialBudget, config: TrialConfig, *, full: bool = False) -> TrialBudget:
@@ -335,29 +340,36 @@ def _wall_when_accumulating(wall: int, fits: dict[int, int], run_accumulated: Ca
 
     One short probe at a small micro-batch that fitted at one step measures what holding the
     gradients adds to its peak; ``wall`` less that many bytes, at the fitted bytes per
-    sample, is the first guess. From there the probes gallop (2 %, 4 %, ... of the guess)
-    toward the other end of the bracket and bisect once both ends are known, never past
-    ``wall``. Readings only place the first guess; what fits is what ran.
+    sample, is the first guess (``wall`` itself where it adds less than
+    :data:`READING_FLOOR_BYTES`). From there :data:`GALLOP_PROBES` probes step out (2 %, 4 %
+    of the wall) and the rest bisect, until the bracket is closed, never past ``wall``.
+    Readings only place the first guess; what fits is what ran.
     """
     small = max((m for m in fits if m <= wall // 2), default=min(fits))
     reading = run_accumulated(small)
     if reading.status != "ok" or reading.peak_memory_bytes is None:
         return wall  # accumulating costs more than a small micro-batch holds: the confirmation steps down
-    extra = max(0, reading.peak_memory_bytes - fits[small])
+    extra = reading.peak_memory_bytes - fits[small]
     slope = MemoryModel.fit(sorted(fits.items())).bytes_per_sample
-    guess = wall if slope <= 0 else wall - math.ceil(extra / slope)
+    guess = wall if slope <= 0 or extra <= READING_FLOOR_BYTES else wall - math.ceil(extra / slope)
     low, high = small, wall + 1  # fits at two steps; not known to (nothing past the one-step wall is tried)
-    micro_batch, step = max(small + 1, min(wall, guess)), max(1, int(guess * CLOSE_ENOUGH))
-    for _ in range(MAX_ACCUMULATED_PROBES):
-        if micro_batch >= high or micro_batch <= low:
+    micro_batch, step = max(small + 1, min(wall, guess)), max(1, int(wall * CLOSE_ENOUGH))
+    for attempt in range(MAX_ACCUMULATED_PROBES):
+        if not low < micro_batch < high:
             break
-        if run_accumulated(micro_batch).status == "ok":
-            low, micro_batch = micro_batch, min(micro_batch + step, (micro_batch + high) // 2)
+        fitted = run_accumulated(micro_batch).status == "ok"
+        if fitted:
+            low = micro_batch
         else:
-            high, micro_batch = micro_batch, max(micro_batch - step, (low + micro_batch) // 2)
+            high = micro_batch
         if high - low <= max(1, int(low * CLOSE_ENOUGH)):
             break
-        step *= 2
+        middle = (low + high) // 2
+        if attempt < GALLOP_PROBES:
+            micro_batch = min(low + step, middle) if fitted else max(high - step, middle)
+            step *= 2
+        else:
+            micro_batch = middle
     return low
 
 
