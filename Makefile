@@ -25,7 +25,7 @@ demo: venv
 	$(VENV)/bin/autobatch tune digits-cnn --backend torch --memory-budget 1GiB --horizon 20ep --trials 12 --study-name demo-digits-cnn-20ep
 
 # The default run, CI's: everything but the `extended` end-to-end runs, whose guarantees faster
-# tests check too (pyproject's markers say which); `make test-all` adds them (about 5 minutes more).
+# tests check too (each says which beside its marker); `make test-all` adds them (about 6 minutes more).
 test: venv
 	$(PY) -m pytest -m "not extended"
 

@@ -49,6 +49,9 @@ def _assert_found_a_wall_and_a_feasible_config(result, n_train: int) -> None:
             assert trial.user_attrs["feasible"] and not trial.user_attrs["oom"], trial.user_attrs
 
 
+# Longest samples first is tests/test_torch_task.py's to check, the wall on them tests/test_worst_case.py's,
+# transformers objects tests/test_integration_huggingface.py's; this is the whole study on the real model
+@pytest.mark.extended
 def test_tiny_gpt2_finds_its_wall_on_the_longest_sequences(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
