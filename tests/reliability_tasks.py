@@ -31,11 +31,20 @@ SEARCH_TRIAL_SECONDS = 2.0
 
 class SlowSyntheticBackend(SyntheticBackend):
     name = "synthetic-slow"
+    search_trial_seconds = SEARCH_TRIAL_SECONDS
 
     def run_trial(self, workload, config, budget, device, progress):
         if config.learning_rate != BEST_LR_AT_32:  # a search trial, not a probe
-            time.sleep(SEARCH_TRIAL_SECONDS)
+            time.sleep(self.search_trial_seconds)
         return super().run_trial(workload, config, budget, device, progress)
+
+
+class SlowerSyntheticBackend(SlowSyntheticBackend):
+    """Search trials long enough that a test which sees two of them running (from two workers that
+    started them at different moments) can interrupt both before either ends, on a loaded machine too."""
+
+    name = "synthetic-slower"
+    search_trial_seconds = 8.0
 
 
 class HangingSyntheticBackend(SyntheticBackend):
@@ -93,6 +102,7 @@ SLOW = [
     "--device",
     "cpu",
 ]
+SLOWER = [arg.replace("SlowSyntheticBackend", "SlowerSyntheticBackend") for arg in SLOW]
 FAST_HEARTBEAT = ["--heartbeat-interval", "1", "--grace-period", "3"]
 
 

@@ -4,6 +4,7 @@ The synthetic backend keeps these fast: what they test is the study around the t
 not a framework. PostgreSQL variants are also marked ``distributed``.
 """
 
+import datetime
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ from tests.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures
 from tests.reliability_tasks import (
     FAST_HEARTBEAT,
     SLOW,
+    SLOWER,
     SYNTHETIC,
     by_state,
     error_lines,
@@ -102,13 +104,14 @@ def test_ctrl_c_kills_the_trial_processes_fails_their_trials_and_exits_130(comma
     name, *extra = command.split()
     goal = ["--trials", "10"] if name == "tune" else ["--study-trials", "10"]
     process = start_cli(
-        name, *SLOW, *extra, *goal, "--storage", url, "--study-name", "ctrl-c", *FAST_HEARTBEAT, cwd=tmp_path
+        name, *SLOWER, *extra, *goal, "--storage", url, "--study-name", "ctrl-c", *FAST_HEARTBEAT, cwd=tmp_path
     )
     workers = 2 if extra else 1
 
     def all_mid_trial():
         running = [t for t in study_trials(url, "ctrl-c") if t.state.name == "RUNNING"]
-        settled = all(is_slow_and_running(t, settled=0.5) for t in running)
+        # Settled, and far from their end: with 2 s trials one of two once ended before the interrupt reached it
+        settled = all(is_slow_and_running(t, settled=0.5) and _running_for(t) < 4.0 for t in running)
         # the trial processes (and, with --workers, the workers)
         descendants = psutil.Process(process.pid).children(recursive=True)
         return len(running) == workers and settled and len(descendants) >= workers and descendants
@@ -126,6 +129,10 @@ def test_ctrl_c_kills_the_trial_processes_fails_their_trials_and_exits_130(comma
     assert all("interrupted" in t.user_attrs["error"] for t in states["FAIL"])
     queued = {t.system_attrs.get("failed_trial") for t in states["WAITING"]}
     assert {t.number for t in states["FAIL"]} <= queued  # their configs wait for the next worker
+
+
+def _running_for(trial) -> float:
+    return (datetime.datetime.now() - trial.datetime_start).total_seconds()
 
 
 # Bad input: one line naming the problem, a non-zero exit, the storage as it was.
