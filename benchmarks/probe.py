@@ -364,8 +364,13 @@ def loop_status(
     task: str, framework: str, micro_batch: int, cap_bytes: int, accumulation: int = 1, timeout: float = 300
 ) -> str:
     """Run the minimal loop in ``python probe.py --loop`` under ``cap_bytes``: "ok", "oom", or how it ended."""
-    spec = {"task": task, "framework": framework, "micro_batch": micro_batch, "cap_bytes": cap_bytes}
-    spec["accumulation"] = accumulation
+    spec = {
+        "task": task,
+        "framework": framework,
+        "micro_batch": micro_batch,
+        "cap_bytes": cap_bytes,
+        "accumulation": accumulation,
+    }
     try:
         completed = subprocess.run(
             [sys.executable, str(Path(__file__).resolve()), "--loop", json.dumps(spec)],
@@ -415,7 +420,7 @@ def loop_main(spec: dict) -> int:
     try:
         task = load_task(spec["task"])
         train = _torch_loop if framework == "torch" else _tensorflow_loop
-        train(task, spec["micro_batch"], spec.get("accumulation", 1))
+        train(task, spec["micro_batch"], spec["accumulation"])
     except BaseException as error:  # noqa: BLE001 - the parent reads the last line
         oom = isinstance(error, MemoryError) or get_backend(framework).is_oom(error)
         first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
@@ -949,10 +954,10 @@ def _where_time_goes(name: str, framework: str, ours: dict) -> str:
     spent = sum(p.get("seconds") or 0.0 for p in probes)
     by_phase = {phase: 0.0 for phase in ("one step", "accumulated", "confirmation")}
     for p in probes:
-        by_phase[_phase(p)] += p.get("seconds") or 0.0
+        by_phase[p["phase"]] += p.get("seconds") or 0.0
     listed = ", ".join(
         f"{p['micro_batch']}{'×' + str(p['accumulation_steps']) if p.get('accumulation_steps', 1) > 1 else ''}"
-        f"{'c' if _phase(p) == 'confirmation' else ''}:{p['status']} {p.get('seconds') or 0.0:.1f}"
+        f"{'c' if p['phase'] == 'confirmation' else ''}:{p['status']} {p.get('seconds') or 0.0:.1f}"
         for p in probes
     )
     start = next((p.get("timings", {}) for p in probes), {})
@@ -964,11 +969,6 @@ def _where_time_goes(name: str, framework: str, ours: dict) -> str:
         f"import and load: {loaded:.1f} s); {listed}. "
         f"Whole tune() call (no search trial): {ours['tune_seconds']:.1f} s."
     )
-
-
-def _phase(probe: dict) -> str:
-    """What a probe was for; records from before probes named their phase: confirmations were the only ones past one step."""
-    return probe.get("phase") or ("confirmation" if probe.get("accumulation_steps", 1) > 1 else "one step")
 
 
 def plot(args, cases: list[dict]) -> None:
