@@ -199,6 +199,21 @@ def test_a_small_micro_batch_that_does_not_fit_at_two_steps_leaves_the_wall_to_t
         )
 
 
+def test_a_failed_small_probe_at_two_steps_starts_the_confirmation_at_the_one_step_wall():
+    # The test above ends in a ProbeError whatever the probes at two steps did, since nothing fits at
+    # eight. Here eight fits below the one-step wall: had a failed small probe been taken as a bracket's
+    # end, the probes at two steps would stop at that small micro-batch, and the confirmation with it.
+    budget, margin = 1024 * MIB, 0.05
+    cap = budget * (1 - margin)
+    at_one = _affine_runner(1, cap, 300 * MIB, 2.0 * MIB)
+    at_two = _affine_runner(2, cap, 2000 * MIB, 2.0 * MIB)  # a two-step probe that never fits
+    at_eight = _affine_runner(8, cap, 330 * MIB, 2.0 * MIB)
+    probe = find_memory_wall(at_one, budget, safety_margin=margin, accumulated=at_two, confirm=at_eight)
+    wall_at_eight = math.floor((cap - 330 * MIB) / (2.0 * MIB))
+    assert wall_at_eight * 0.97 <= probe.max_micro_batch <= wall_at_eight
+    assert [p["phase"] for p in probe.probes].count("accumulated") == 1
+
+
 def test_no_micro_batch_that_fits_at_the_largest_accumulation_is_a_probe_error():
     budget, margin = 1024 * MIB, 0.05
     cap = budget * (1 - margin)
