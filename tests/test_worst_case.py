@@ -15,7 +15,7 @@ pytest.importorskip("torch")
 
 from autobatch import SearchSpace, TrainingOOMError, TrialBudget, train, tune  # noqa: E402
 from autobatch.search.note import summary_text  # noqa: E402
-from tests.worst_case_tasks import LONG, N_TRAIN  # noqa: E402
+from tests.worst_case_tasks import LONG, N_TRAIN, seed_meeting_a_long_sequence_first  # noqa: E402
 
 BUDGET = "1GiB"
 SIZED = "tests.worst_case_tasks:sized"
@@ -46,9 +46,17 @@ def test_the_wall_found_on_the_longest_samples_holds_for_every_window_of_an_epoc
     assert "longest samples, size 2048" in summary_text(sized)
     assert unsized.max_micro_batch > sized.max_micro_batch  # random windows saw short sequences only
 
+    # The epochs meet a long sequence in their first, full micro-batch: at the probes' own seed they
+    # meet both in the last window, whose size (4096 less whole windows) a wall near 2048 shrinks to
+    # a few samples that fit even padded, and the test then failed about one run in four.
+    seed = seed_meeting_a_long_sequence_first()
     # Every window of an epoch at the wall found on the longest samples fits the budget ...
-    epoch = train(SIZED, micro_batch_size=sized.max_micro_batch, epochs=1, memory_budget=BUDGET, adaptive=False)
+    epoch = train(
+        SIZED, micro_batch_size=sized.max_micro_batch, epochs=1, memory_budget=BUDGET, adaptive=False, seed=seed
+    )
     assert epoch.samples_seen == N_TRAIN
     # ... while at the wall of the random probe, the window holding a long sequence runs out of memory.
-    with pytest.raises(TrainingOOMError):
-        train(UNSIZED, micro_batch_size=unsized.max_micro_batch, epochs=1, memory_budget=BUDGET, adaptive=False)
+    with pytest.raises(TrainingOOMError, match="at step 1 "):
+        train(
+            UNSIZED, micro_batch_size=unsized.max_micro_batch, epochs=1, memory_budget=BUDGET, adaptive=False, seed=seed
+        )
