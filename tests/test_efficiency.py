@@ -259,6 +259,17 @@ def test_tensorflow_measures_each_micro_batch_gradient_and_the_window_gradient()
     assert (windows, skipped) == (2, 0)
     assert (micro_sum, window_sum) == pytest.approx(tuple(np.sum(norms, axis=0)), rel=1e-6)
 
+    # A window told not to measure trains the same and leaves the norms and their totals as they were,
+    # through the same traced functions (the norms are a branch of them, not another trace).
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    last = trainer.last_noise_norms()
+    trainer.accumulate(x[:6], y[:6], 0.5, measure=False)
+    trainer.finish(x[6:], y[6:], 0.5, measure=False, count_noise=True)
+    assert trainer.last_noise_norms() == last
+    assert trainer.noise_totals() == (windows, skipped, micro_sum, window_sum)
+    assert any(not np.allclose(b, v.numpy()) for b, v in zip(before, model.trainable_variables, strict=True))
+    assert trainer.trace_counts == {"accumulate": 1, "apply": 1, "evaluate": 0}
+
 
 @pytest.mark.slow
 def test_noise_scale_of_linear_regression_is_within_20_percent_on_torch(monkeypatch):
@@ -277,6 +288,42 @@ def test_noise_scale_of_linear_regression_is_within_20_percent_on_torch(monkeypa
     noise = measured.extras["gradient_noise"]
     assert noise["windows"] == 2**15 // 64 and noise["window_size"] == 64
     assert noise["b_simple"] == pytest.approx(tasks.TRUE_NOISE_SCALE, rel=0.2)
+
+
+def test_a_tensorflow_trial_measures_the_noise_in_the_windows_its_budget_names(monkeypatch):
+    pytest.importorskip("tensorflow")
+    from autobatch.backends.base import TrialProgress
+    from autobatch.backends.tensorflow import TensorFlowBackend
+    from autobatch.backends.tensorflow import backend as tf_backend
+
+    # Which windows is the budget's to say (tested above); here, every fourth: the trial measures and
+    # counts those and no other, charges each what its norms cost (four micro-batches' and the window's,
+    # timed in a traced call of their own), and what they measured reaches the result.
+    charged = []
+
+    class EveryFourth(MeasuringBudget):
+        def due(self):
+            return self.windows % 4 == 0
+
+        def window_done(self, seconds, measuring_seconds=None):
+            charged.append(measuring_seconds)
+            super().window_done(seconds, measuring_seconds)
+
+    monkeypatch.setattr(tf_backend, "MeasuringBudget", EveryFourth)
+    measured = TensorFlowBackend().run_trial(
+        load_workload(LINEAR),
+        TrialConfig(16, 4, tasks.FROZEN_LEARNING_RATE),
+        TrialBudget(train_samples=2**14),
+        "cpu",
+        TrialProgress(),
+    )
+    noise = measured.extras["gradient_noise"]
+    assert len(charged) == 256 and [c is not None for c in charged[:5]] == [True, False, False, False, True]
+    costs = {c for c in charged if c is not None}
+    assert len(costs) == 1 and 0 < costs.pop() < 0.05  # one timing, five passes of the norms: milliseconds
+    assert noise["windows"] == 64 and noise["window_size"] == 64
+    assert noise["b_simple"] == pytest.approx(tasks.TRUE_NOISE_SCALE, rel=0.5)
+    assert measured.extras["traces"] == {"accumulate": 1, "apply": 1, "evaluate": 1}
 
 
 @pytest.mark.slow
@@ -321,11 +368,14 @@ def test_a_trial_measures_the_noise_in_a_share_of_its_windows_and_pruning_reache
         )
 
 
-def test_noise_scale_of_linear_regression_is_within_20_percent_on_tensorflow():
+def test_noise_scale_of_linear_regression_is_within_20_percent_on_tensorflow(monkeypatch):
     pytest.importorskip("tensorflow")
     from autobatch.backends.base import TrialProgress
     from autobatch.backends.tensorflow import TensorFlowBackend
+    from autobatch.backends.tensorflow import backend as tf_backend
 
+    # Every window measured, as on PyTorch above: a trial measures what its MeasuringBudget allows.
+    monkeypatch.setattr(tf_backend, "MeasuringBudget", lambda: MeasuringBudget(share=1.0))
     measured = TensorFlowBackend().run_trial(
         load_workload(LINEAR),
         TrialConfig(16, 4, tasks.FROZEN_LEARNING_RATE),

@@ -117,8 +117,9 @@ class NoiseScaleEstimator:
 class MeasuringBudget:
     """Which windows a trial measures the noise on, so that measuring costs at most ``share`` of its training time.
 
-    A backend whose norms cost a call per parameter and micro-batch (PyTorch's gradient hooks) uses
-    it; TensorFlow's run inside the traced step and are measured on every window. The first two
+    PyTorch's norms cost a call per parameter and micro-batch (gradient hooks), which it times;
+    TensorFlow's run inside the traced step, where nothing can time them apart, so it times the same
+    norms in a traced call of their own (:meth:`MicroBatchTrainer.norm_seconds`). The first two
     windows are measured and not counted (setting up makes them slow). After them a window is
     measured while measuring's windows × what one costs stay within ``share`` of the windows ×
     what one takes without it. Where the norms cost little next to a window (a model of any size,

@@ -16,7 +16,9 @@ Speed: a window costs one call of a traced function per micro-batch and nothing 
 signature given, each function is called as its concrete function, whose call costs about a
 third of a ``tf.function``'s (measured on TensorFlow 2.21, CPU: ~50 µs against ~150 µs, which
 a small model's micro-batch notices); the gradient-noise norms are computed inside those same
-calls and summed on the device over the windows, read back once, at the end of a trial.
+calls, behind a flag each call takes (a ``tf.cond``: both branches are in the one trace, so a
+window that does not measure pays for no norm and nothing is traced again), and summed on the
+device over the windows, read back once, at the end of a trial.
 """
 
 from __future__ import annotations
@@ -58,7 +60,10 @@ class MicroBatchTrainer:
     ``measure_noise`` also records, per window, the squared norms of the micro-batch gradients
     and of the window's (:meth:`last_noise_norms`; summed over the windows :meth:`finish` counts,
     :meth:`noise_totals`), for :mod:`autobatch.core.noise`: one reduction per variable and
-    micro-batch, inside the same calls.
+    micro-batch, inside the same calls, in the windows whose calls are given ``measure=True``
+    (the default; a trial measures the windows its :class:`~autobatch.core.noise.MeasuringBudget`
+    allows, weighing :meth:`norm_seconds` against its windows: a small model's norms cost it 5-10 %
+    of a window).
     """
 
     def __init__(
@@ -85,6 +90,7 @@ class MicroBatchTrainer:
         self._accumulators: list[tf.Variable] | None = None
         self._window_loss = tf.Variable(0.0, dtype=tf.float32, trainable=False, name="window_loss")
         self._scalars: dict[Any, tf.Tensor] = {}
+        self._norm_pass: Callable | None = None
         if measure_noise:
             self._micro_sq_sum = tf.Variable(0.0, dtype=tf.float32, trainable=False, name="micro_grad_sq_sum")
             self._micro_count = tf.Variable(0.0, dtype=tf.float32, trainable=False, name="micro_batch_count")
@@ -94,8 +100,8 @@ class MicroBatchTrainer:
 
         given = x_spec is not None and y_spec is not None
         share, flag = tf.TensorSpec((), tf.float32), tf.TensorSpec((), tf.bool)
-        self._accumulate = _traced(self._accumulate_micro_batch, [x_spec, y_spec, share] if given else None)
-        self._finish = _traced(self._finish_window, [x_spec, y_spec, share, flag] if given else None)
+        self._accumulate = _traced(self._accumulate_micro_batch, [x_spec, y_spec, share, flag] if given else None)
+        self._finish = _traced(self._finish_window, [x_spec, y_spec, share, flag, flag] if given else None)
         self._step = _traced(self._step_window, [x_spec, y_spec] if given else None)
         self._apply = _traced(self._apply_accumulated, [])
         self._evaluate_batch = _traced(self._loss_sum, [x_spec, y_spec] if given else None)
@@ -121,19 +127,24 @@ class MicroBatchTrainer:
             return [tf.zeros(variable.shape, variable.dtype) for variable in self._variables]
         return [accumulator.read_value() for accumulator in self._accumulators]
 
-    def accumulate(self, x: Any, y: Any, share: Any) -> tf.Tensor:
-        """Add the gradients of the micro-batch ``(x, y)``'s mean loss × ``share`` (its share of the window's samples)."""
-        self._make_accumulators()
-        return self._accumulate(x, y, self.scalar(share))
+    def accumulate(self, x: Any, y: Any, share: Any, *, measure: bool = True) -> tf.Tensor:
+        """Add the gradients of the micro-batch ``(x, y)``'s mean loss × ``share`` (its share of the window's samples).
 
-    def finish(self, x: Any, y: Any, share: Any, *, count_noise: bool = False) -> tf.Tensor:
-        """:meth:`accumulate` the window's last micro-batch, then one optimizer step, in one call; the window's loss.
-
-        ``count_noise``: add this window's noise norms to :meth:`noise_totals` (a window of micro-batches
-        of one size; one with a short last micro-batch would give the estimate a third batch size).
+        ``measure``: add its gradient's squared norm to the window's noise norms (with ``measure_noise``);
+        give every call of one window the same.
         """
         self._make_accumulators()
-        return self._finish(x, y, self.scalar(share), self.scalar(bool(count_noise)))
+        return self._accumulate(x, y, self.scalar(share), self.scalar(bool(measure)))
+
+    def finish(self, x: Any, y: Any, share: Any, *, measure: bool = True, count_noise: bool = False) -> tf.Tensor:
+        """:meth:`accumulate` the window's last micro-batch, then one optimizer step, in one call; the window's loss.
+
+        ``measure``: the window's noise norms are recorded (:meth:`last_noise_norms`; with ``measure_noise``).
+        ``count_noise``: a measured window's norms are also added to :meth:`noise_totals` (a window of
+        micro-batches of one size; one with a short last micro-batch would give the estimate a third batch size).
+        """
+        self._make_accumulators()
+        return self._finish(x, y, self.scalar(share), self.scalar(bool(measure)), self.scalar(bool(count_noise)))
 
     def step(self, x: Any, y: Any) -> tf.Tensor:
         """A window of one micro-batch: its gradients applied at once, no accumulators; its loss."""
@@ -180,6 +191,24 @@ class MicroBatchTrainer:
         windows, skipped, micro_sq_sum, window_sq_sum = self._noise_totals.numpy().tolist()
         return int(windows), int(skipped), float(micro_sq_sum), float(window_sq_sum)
 
+    def norm_seconds(self, repeats: int = 5) -> float:
+        """What one pass of the noise norms costs: the least of ``repeats`` traced calls that compute them over
+        the gradient accumulators, as a measured window computes them once per micro-batch and once for
+        the window. The call's own overhead is counted too, which the norms inside a window do not pay:
+        an estimate on the high side, so a budget measures fewer windows, never more."""
+        import time
+
+        self._make_accumulators()
+        if self._norm_pass is None:
+            self._norm_pass = _traced(lambda: _squared_norm(self.accumulated_gradients), [])
+            self._norm_pass()  # traces
+        least = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            float(self._norm_pass())
+            least = min(least, time.perf_counter() - started)
+        return least
+
     def set_learning_rate(self, learning_rate: float) -> None:
         """Train the next windows at ``learning_rate`` (a learning-rate schedule's step).
 
@@ -223,24 +252,24 @@ class MicroBatchTrainer:
 
     # --- traced: each runs only while tracing, on the device after that ---------------------------------
 
-    def _accumulate_micro_batch(self, x, y, share):
+    def _accumulate_micro_batch(self, x, y, share, measure):
         """Gradients of one micro-batch's mean loss × ``share``, added into the accumulators."""
         self._traced_once("accumulate")
         loss, gradients = self._gradients(x, y, share)
-        self._add(loss, gradients, share)
+        self._add(loss, gradients, share, measure)
         return loss
 
-    def _finish_window(self, x, y, share, count_noise):
+    def _finish_window(self, x, y, share, measure, count_noise):
         """The last micro-batch added, one optimizer step, the accumulators zeroed; the window's loss."""
         self._traced_once("apply, finish")
         loss, gradients = self._gradients(x, y, share)
-        self._add(loss, gradients, share)
-        return self._step_accumulated(count_noise)
+        self._add(loss, gradients, share, measure)
+        return self._step_accumulated(measure, count_noise)
 
     def _apply_accumulated(self):
         """One optimizer step with the accumulated gradients, then zero them; returns the window's loss."""
         self._traced_once("apply")
-        return self._step_accumulated(None)
+        return self._step_accumulated(None, None)
 
     def _step_window(self, x, y):
         """A window of one micro-batch: its gradient is the window's, applied as it comes."""
@@ -270,7 +299,7 @@ class MicroBatchTrainer:
     def _traced_once(self, name: str) -> None:
         self._traces[name] = self._traces.get(name, 0) + 1  # runs only while tracing
 
-    def _add(self, loss, gradients, share) -> None:
+    def _add(self, loss, gradients, share, measure) -> None:
         """Add one micro-batch's loss and gradients into the window's (and its norm into the noise sums)."""
         assert self._accumulators is not None
         for accumulator, gradient in zip(self._accumulators, gradients, strict=True):
@@ -285,21 +314,28 @@ class MicroBatchTrainer:
             else:
                 accumulator.assign_add(tf.cast(gradient, accumulator.dtype))
         if self.measures_noise:
-            # The gradient of this micro-batch's mean loss is the tape's divided by share × loss scale.
-            squared = _squared_norm(gradients)
-            self._micro_sq_sum.assign_add(squared / tf.square(share * self._loss_scale()))
-            self._micro_count.assign_add(1.0)
+            tf.cond(measure, lambda: self._add_micro_norm(gradients, share), lambda: None)
         self._window_loss.assign_add(loss)
 
-    def _step_accumulated(self, count_noise):
+    def _add_micro_norm(self, gradients, share) -> None:
+        # The gradient of this micro-batch's mean loss is the tape's divided by share × loss scale.
+        squared = _squared_norm(gradients)
+        self._micro_sq_sum.assign_add(squared / tf.square(share * self._loss_scale()))
+        self._micro_count.assign_add(1.0)
+
+    def _step_accumulated(self, measure, count_noise):
         """The optimizer's step with the accumulators, which are then zeroed; the window's loss.
 
-        ``count_noise`` (a bool tensor, or None for never) adds the window's noise norms to the totals.
+        ``measure`` (a bool tensor, or None for always) records the window's noise norms; ``count_noise``
+        (a bool tensor, or None for never) also adds them to the totals.
         """
         assert self._accumulators is not None
         gradients = [accumulator.read_value() for accumulator in self._accumulators]
         if self.measures_noise:  # before the step, which may change the loss scale
-            self._record_window_norms(gradients, count_noise)
+            if measure is None:
+                self._record_window_norms(gradients, count_noise)
+            else:
+                tf.cond(measure, lambda: self._record_window_norms(gradients, count_noise), lambda: None)
         # A LossScaleOptimizer unscales here, once, and skips the step if any gradient is not finite.
         self.optimizer.apply_gradients(zip(gradients, self._variables, strict=True))
         window_loss = self._window_loss.read_value()

@@ -8,6 +8,7 @@ the window step is :class:`autobatch.backends.tensorflow.accumulate.MicroBatchTr
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +23,7 @@ from autobatch.backends.tensorflow.session import TensorFlowTrainingSession
 from autobatch.backends.tensorflow.training import build_training
 from autobatch.core.config import TrialBudget, TrialConfig
 from autobatch.core.devices import DeviceMemoryMeter
+from autobatch.core.noise import MeasuringBudget
 from autobatch.core.windows import Window
 from autobatch.tasks.loading import Task
 
@@ -150,6 +152,8 @@ class TensorFlowTrial(Trial):
             y_spec=y_spec,
             measure_noise=self.measures_noise,
         )
+        self.measuring = MeasuringBudget()
+        self._norm_seconds: float | None = None  # a pass of the noise norms, timed after the first window
         self.data, self.val = training.train, training.val
         self.n_train = self.data.n
         self.sample_sizes = self.data.sizes
@@ -166,20 +170,30 @@ class TensorFlowTrial(Trial):
         # A short last micro-batch would give the estimator a third batch size, and a window of one
         # micro-batch (a sample budget below the micro-batch) no second one: their windows are left out.
         # Full windows are summed on the device and read once (finish); another size, rare, is read here.
-        noise = measure and trainer.measures_noise and len(sizes) > 1 and len({len(mb) for mb in sizes}) == 1
+        eligible = measure and trainer.measures_noise and len(sizes) > 1 and len({len(mb) for mb in sizes}) == 1
+        # The norms cost a small model 5-10 % of its window: measure the windows the budget allows.
+        noise = eligible and self.measuring.due()
         counted = noise and window.size == self.config.effective_batch_size
         last = len(sizes) - 1
         loss = None
+        started = time.perf_counter()
         # not strict: a check that the lazy micro-batches ran out would take the next window's first
         for position, (indices, (x, y)) in enumerate(zip(sizes, micro_batches, strict=False)):
             share = trainer.scalar(len(indices) / window.size)
             if position < last:
-                trainer.accumulate(x, y, share)
+                trainer.accumulate(x, y, share, measure=noise)
             else:
-                loss = trainer.finish(x, y, share, count_noise=counted)
+                loss = trainer.finish(x, y, share, measure=noise, count_noise=counted)
+        value = float(loss)  # reading the loss waits for the update to finish
+        if eligible:
+            seconds = time.perf_counter() - started
+            if self._norm_seconds is None:  # after a window: the accumulators exist and the device is warm
+                self._norm_seconds = trainer.norm_seconds()
+            # A measured window computes the norms once per micro-batch and once for the window.
+            self.measuring.window_done(seconds, self._norm_seconds * (len(sizes) + 1) if noise else None)
         if noise and not counted:
             self.noise.add_window(self.config.micro_batch_size, window.size, *trainer.last_noise_norms())
-        return float(loss)  # reading the loss waits for the update to finish
+        return value
 
     def finish(self) -> None:
         if self.trainer.measures_noise:
