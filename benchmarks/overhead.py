@@ -396,11 +396,13 @@ def render(run: Run, results, rounds) -> str:
             "optimizer step and the zeroing of the accumulators are one call, and without accumulation a window is "
             "one call with no accumulators at all. PyTorch: without data-loading workers each micro-batch is fetched "
             "directly (what a `DataLoader` without workers does, without its per-batch machinery), and the window's "
-            "loss is read once. The gradient noise estimate: TensorFlow computes its norms inside those same calls "
-            "(one reduction per variable and micro-batch) on every window and reads their sums once, at the end of "
-            "the trial; PyTorch's come from a hook per parameter, which costs a model this small several percent "
-            "of a window, so a PyTorch trial measures a window while measuring stays within 0.5 % of its training "
-            "time (`autobatch.core.noise.MeasuringBudget`; a larger model's windows are all measured). "
+            "loss is read once. The gradient noise estimate costs a model this small several percent of a window, "
+            "so a trial measures a window while measuring stays within 0.5 % of its training time "
+            "(`autobatch.core.noise.MeasuringBudget`; a larger model's windows are all measured). TensorFlow "
+            "computes the norms inside those same calls (one reduction per variable and micro-batch), behind a "
+            "flag each call takes, charges a measured window what a pass of them takes in a traced call of its "
+            "own, and reads their sums once, at the end of the trial; PyTorch's come from a hook per parameter, "
+            "timed as they run. "
             '"Noise estimate: windows measured" is how many of the trial\'s windows the estimate used.',
             "",
             "![overhead](overhead.png)",
