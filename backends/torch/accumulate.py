@@ -75,7 +75,9 @@ def train_window(
                 continue
             share = size / total
             with precision.autocast():
-                weighted = checked_loss(loss(model, batch)) * share
+                weighted = checked_loss(loss(model, batch))
+                if share != 1.0:  # a window of one micro-batch: no multiply, and no node for backward to run
+                    weighted = weighted * share
             precision.backward(weighted)
             losses.append(weighted.item() if weighted.is_cpu else weighted.detach())
             del batch, weighted  # not held while the next micro-batch is fetched
