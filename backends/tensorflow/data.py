@@ -44,17 +44,31 @@ class SampleData:
         self.n = int(self.columns[0].n)
         self.spec: tuple[Any, Any] = tf.nest.pack_sequence_as(structure, [column.spec for column in self.columns])
 
+    @property
+    def held_in_numpy(self) -> bool:
+        """Whether every column is a dense numpy array, whose batches are gathered in numpy (see :class:`_Column`)."""
+        return all(column.array is not None for column in self.columns)
+
     def batch(self, indices: np.ndarray) -> tuple[Any, Any]:
         """The samples at ``indices`` as one ``(x, y)`` batch, padded to its own longest."""
+        indices = np.asarray(indices, dtype=np.int64)
         with tf.device("/CPU:0"):
-            return self._take(tf.constant(np.asarray(indices, dtype=np.int64)))
+            if self.held_in_numpy:
+                return self._gather(indices)
+            return self._take(tf.constant(indices))
 
-    def micro_batches(self, index_arrays: Iterable[np.ndarray]) -> tf.data.Dataset:
-        """A dataset yielding the batch of each index array, one prefetched in the background.
+    def micro_batches(self, index_arrays: Iterable[np.ndarray]) -> Iterable[tuple[Any, Any]]:
+        """The batch of each index array, in turn.
 
-        One, not ``AUTOTUNE``: the tuner may deepen the buffer as it sees fit, and memory a
-        probe did not see could then break a trial at the wall (see :meth:`windows`).
+        Dense numpy columns are gathered as each batch is asked for, one batch held at a time.
+        Otherwise a dataset that prefetches one batch in the background; one, not ``AUTOTUNE``:
+        the tuner may deepen the buffer as it sees fit, and memory a probe did not see could
+        then break a trial at the wall (see :meth:`windows`).
         """
+        if self.held_in_numpy:
+            return (self.batch(indices) for indices in index_arrays)
+        for column in self.columns:  # tensors made eagerly: inside the traced map a dense one would be a constant
+            column.values  # noqa: B018
         index_arrays = list(index_arrays)
         lengths = np.array([len(idx) for idx in index_arrays], dtype=np.int64)
         flat = np.concatenate(index_arrays).astype(np.int64) if index_arrays else np.empty(0, np.int64)
@@ -84,6 +98,12 @@ class SampleData:
 
     def _take(self, indices: tf.Tensor) -> tuple[Any, Any]:
         return tf.nest.pack_sequence_as(self.structure, [column.take(indices) for column in self.columns])
+
+    def _gather(self, indices: np.ndarray) -> tuple[Any, Any]:
+        assert all(column.array is not None for column in self.columns)
+        return tf.nest.pack_sequence_as(
+            self.structure, [tf.convert_to_tensor(np.take(column.array, indices, axis=0)) for column in self.columns]
+        )
 
 
 class ArrayData(SampleData):
@@ -152,23 +172,48 @@ def read_keras_data(
 
 
 class _Column:
-    """One component of every sample: a dense tensor, or a ragged one each batch of which is padded.
+    """One component of every sample: a dense numpy array, or a ragged tensor each batch of which is padded.
+
+    A dense column stays the numpy array it came as (:attr:`array`): a TensorFlow copy of the
+    whole split would be held beside it for the trial's life, about 30 MiB of synthetic-images
+    that a training loop which converts batch by batch does not hold, and the wall found under
+    a memory budget would be that much lower. Its tensor (:attr:`values`) is made only for a
+    pipeline that also holds ragged columns, and kept.
 
     ``varying``: each sample's size along the dimensions that vary and are padded per batch
     (the product of those dimensions), ``None`` when no dimension does.
     """
 
-    def __init__(self, values: Any, spec: tf.TensorSpec, padding: Any = None, varying: np.ndarray | None = None):
-        self.values = values
+    def __init__(
+        self,
+        values: Any,
+        spec: tf.TensorSpec,
+        padding: Any = None,
+        varying: np.ndarray | None = None,
+        array: np.ndarray | None = None,
+    ):
+        self._values = values
+        self.array = array
         self.spec = spec
         self.padding = padding
         self.varying = varying
-        self.n = int(values.shape[0]) if not isinstance(values, tf.RaggedTensor) else int(values.nrows())
+        if array is not None:
+            self.n = len(array)
+        else:
+            self.n = int(values.shape[0]) if not isinstance(values, tf.RaggedTensor) else int(values.nrows())
 
     @classmethod
     def dense(cls, array: np.ndarray) -> _Column:
-        with tf.device("/CPU:0"):
-            return cls(tf.convert_to_tensor(np.ascontiguousarray(array)), batch_spec(np.asarray(array)))
+        array = np.ascontiguousarray(array)
+        return cls(None, batch_spec(array), array=array)
+
+    @property
+    def values(self) -> Any:
+        """The column as a tensor (a dense column's made at the first use, on the CPU)."""
+        if self._values is None:
+            with tf.device("/CPU:0"):
+                self._values = tf.convert_to_tensor(self.array)
+        return self._values
 
     def take(self, indices: tf.Tensor) -> tf.Tensor:
         taken = tf.gather(self.values, indices)
