@@ -1,10 +1,11 @@
-"""A task's samples held in memory as TensorFlow tensors, served as micro-batches in the order a trial's plan gives.
+"""A task's samples held in memory, served as micro-batches in the order a trial's plan gives.
 
 :func:`read_keras_data` reads a :class:`~autobatch.tasks.keras_task.KerasTask`'s data once (an
 unbatched ``tf.data.Dataset``, ``(x, y)`` arrays, or a ``keras.utils.PyDataset`` whose batches are
 split into samples), as Keras's own data adapters accept it, into one column per component of
 its ``(x, y)`` elements; ``x`` may be a dict or a tuple. A component whose shape varies between
-elements (a sequence) is held as a ``tf.RaggedTensor`` and each micro-batch is padded to its own
+elements (a sequence) is held as a ``tf.RaggedTensor`` (a dense one as its numpy array, each
+micro-batch gathered and converted when it is reached) and each micro-batch is padded to its own
 longest, or to ``padded_shapes`` with ``padding_value``, as ``tf.data.Dataset.padded_batch``
 pads. Its dimensions that vary are ``None`` in the traced signature (:attr:`SampleData.spec`), so
 a new length runs the same graph. A :class:`~autobatch.tasks.workload.Workload`'s arrays are
