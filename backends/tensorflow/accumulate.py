@@ -23,6 +23,7 @@ device over the windows, read back once, at the end of a trial.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -196,8 +197,6 @@ class MicroBatchTrainer:
         the gradient accumulators, as a measured window computes them once per micro-batch and once for
         the window. The call's own overhead is counted too, which the norms inside a window do not pay:
         an estimate on the high side, so a budget measures fewer windows, never more."""
-        import time
-
         self._make_accumulators()
         if self._norm_pass is None:
             self._norm_pass = _traced(lambda: _squared_norm(self.accumulated_gradients), [])

@@ -44,18 +44,18 @@ class SampleData:
         self.sizes = sizes
         self.n = int(self.columns[0].n)
         self.spec: tuple[Any, Any] = tf.nest.pack_sequence_as(structure, [column.spec for column in self.columns])
-
-    @property
-    def held_in_numpy(self) -> bool:
-        """Whether every column is a dense numpy array, whose batches are gathered in numpy (see :class:`_Column`)."""
-        return all(column.array is not None for column in self.columns)
+        # Every column a dense numpy array: batches are gathered in numpy (see _Column); else None.
+        arrays = [column.array for column in self.columns if column.array is not None]
+        self._arrays: list[np.ndarray] | None = arrays if len(arrays) == len(self.columns) else None
 
     def batch(self, indices: np.ndarray) -> tuple[Any, Any]:
         """The samples at ``indices`` as one ``(x, y)`` batch, padded to its own longest."""
         indices = np.asarray(indices, dtype=np.int64)
         with tf.device("/CPU:0"):
-            if self.held_in_numpy:
-                return self._gather(indices)
+            if self._arrays is not None:
+                return tf.nest.pack_sequence_as(
+                    self.structure, [tf.convert_to_tensor(np.take(array, indices, axis=0)) for array in self._arrays]
+                )
             return self._take(tf.constant(indices))
 
     def micro_batches(self, index_arrays: Iterable[np.ndarray]) -> Iterable[tuple[Any, Any]]:
@@ -66,7 +66,7 @@ class SampleData:
         the tuner may deepen the buffer as it sees fit, and memory a probe did not see could
         then break a trial at the wall (see :meth:`windows`).
         """
-        if self.held_in_numpy:
+        if self._arrays is not None:
             return (self.batch(indices) for indices in index_arrays)
         for column in self.columns:  # tensors made eagerly: inside the traced map a dense one would be a constant
             column.values  # noqa: B018
@@ -99,12 +99,6 @@ class SampleData:
 
     def _take(self, indices: tf.Tensor) -> tuple[Any, Any]:
         return tf.nest.pack_sequence_as(self.structure, [column.take(indices) for column in self.columns])
-
-    def _gather(self, indices: np.ndarray) -> tuple[Any, Any]:
-        assert all(column.array is not None for column in self.columns)
-        return tf.nest.pack_sequence_as(
-            self.structure, [tf.convert_to_tensor(np.take(column.array, indices, axis=0)) for column in self.columns]
-        )
 
 
 class ArrayData(SampleData):
