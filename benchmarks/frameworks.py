@@ -18,6 +18,7 @@ Writes ``results/frameworks.md``, ``results/frameworks_throughput.png`` and
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import tempfile
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
+    WALL_SEARCH_EFFECTIVE_BATCH,
     Run,
     markdown_table,
     mib,
@@ -180,7 +182,10 @@ def _tune(task, framework, budget, trials, trial_budget, search_space=None) -> d
             trial_budget=trial_budget,
             objective="pareto",  # trials of one sample budget, as this comparison has always measured
             max_trial_samples=trial_budget.train_samples,
-            search_space=search_space,
+            # The wall itself is compared: effective batches past the 1-epoch horizon's are searched.
+            search_space=dataclasses.replace(
+                search_space or autobatch.SearchSpace(), max_effective_batch=WALL_SEARCH_EFFECTIVE_BATCH
+            ),
             device="cpu",
         )
     recommended = result.recommended or {}

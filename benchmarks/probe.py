@@ -59,6 +59,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
+    WALL_SEARCH_EFFECTIVE_BATCH,
     Run,
     markdown_table,
     new_figure,
@@ -262,6 +263,8 @@ def autobatch_probe(task: str, framework: str, budget: str) -> dict:
             # cap): it then counts as a failed probe, where tune()'s default (no limit) would wait forever.
             trial_timeout=TRIAL_TIMEOUT,
             on_probe=on_probe,
+            # The wall itself, confirmed at the largest accumulation, whatever the 1-epoch horizon would search.
+            search_space=autobatch.SearchSpace(max_effective_batch=WALL_SEARCH_EFFECTIVE_BATCH),
         )
         tune_seconds = time.perf_counter() - started
         probe = result.study.user_attrs["autobatch_probe"]

@@ -15,7 +15,14 @@ from autobatch.core.config import TrialBudget, TrialConfig
 from autobatch.core.schedule import ReportingProgress, TrialSchedule, run_schedule
 from autobatch.core.windows import SteadyStateTimer
 from autobatch.errors import InvalidParameterError
-from autobatch.search.fidelity import MIN_HORIZON_SHARE, FidelityPlan, plan_fidelity, rung_fractions
+from autobatch.search.fidelity import (
+    MIN_HORIZON_SHARE,
+    MIN_RUN_STEPS,
+    FidelityPlan,
+    largest_effective_batch,
+    plan_fidelity,
+    rung_fractions,
+)
 from autobatch.search.horizon import Horizon
 from tests import efficiency_tasks as tasks
 
@@ -82,6 +89,41 @@ def test_the_study_time_sets_how_far_trials_train():
     assert share(35.0, trials=20) < share(35.0)
     assert share(1e6) == 1.0
     assert share(None, cap=2500) == 0.25
+
+
+def test_the_horizon_bounds_the_effective_batch_to_a_run_of_several_steps():
+    assert MIN_RUN_STEPS == 16
+    assert largest_effective_batch(Horizon.parse("1ep"), n_train=2048) == 128
+    assert largest_effective_batch(Horizon.parse("20 epochs"), n_train=1437) == 1796
+    assert largest_effective_batch(Horizon.parse("100 samples"), n_train=2048) == 6
+    assert (
+        largest_effective_batch(Horizon.parse("8 samples"), n_train=2048) == 1
+    )  # fewer samples than steps: one at a time
+    # Every config takes a horizon's steps; a wall-time horizon's samples wait on the throughput.
+    assert largest_effective_batch(Horizon.parse("10 steps"), n_train=2048) is None
+    assert largest_effective_batch(Horizon.parse("2h"), n_train=2048) is None
+
+
+@pytest.mark.slow
+def test_a_short_horizon_bounds_the_probe_and_every_trial_to_a_run_of_several_steps(tmp_path):
+    # 4,096 samples in at least 16 steps: effective batches up to 256; at 512 MiB the wall lies past it.
+    largest = 4096 // MIN_RUN_STEPS
+    result = tune(
+        **CURVES, horizon="4096 samples", memory_budget="512MiB", n_trials=12, storage=f"sqlite:///{tmp_path}/h.db"
+    )
+    probes = result.probe["probes"]
+    assert result.max_micro_batch == largest and max(p["micro_batch"] for p in probes) == largest
+    # The confirmation runs at two steps, the most the search accumulates near the wall: no short probes place it.
+    assert [(p["phase"], p["accumulation_steps"]) for p in probes if p["phase"] != "one step"] == [("confirmation", 2)]
+    ran = [t.user_attrs for t in result.study.trials if "effective_batch_size" in t.user_attrs]
+    assert len(ran) == 12 and all(attrs["effective_batch_size"] <= largest for attrs in ran)
+    assert any(attrs["accumulation_steps"] > 1 for attrs in ran)
+    assert result.horizon["max_effective_batch"] == largest
+    from optuna_dashboard import get_note
+
+    assert f"Effective batches were searched up to {largest}, so that the run takes at least 16" in get_note(
+        result.study
+    )
 
 
 @pytest.mark.slow

@@ -230,7 +230,8 @@ def test_trials_record_what_a_person_reads_in_the_dashboard(tmp_path):
 
 @pytest.mark.slow
 def test_configs_predicted_over_budget_are_recorded_as_skipped_not_run(tmp_path):
-    space = SearchSpace(min_micro_batch=64, max_micro_batch=400)  # the wall is near 110
+    # The wall is near 110; the search goes past it, and past the 1-epoch horizon's effective batches.
+    space = SearchSpace(min_micro_batch=64, max_micro_batch=400, max_effective_batch=400)
     result = tune(
         **SYNTHETIC,
         memory_budget="256MiB",

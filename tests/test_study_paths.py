@@ -194,8 +194,9 @@ def test_a_search_trial_past_the_wall_runs_out_of_memory_for_real_and_is_not_rec
     pytest.importorskip("torch")
     url = f"sqlite:///{tmp_path}/s.db"
     over = 2 * study_path_tasks.CLIFF
-    # The search may go past the probe's wall (a maximum set by hand); the flat memory model
-    # predicts that `over` fits, so it is run rather than skipped.
+    # The search may go past the probe's wall (a maximum set by hand, and an effective batch past
+    # the 1-epoch horizon's); the flat memory model predicts that `over` fits, so it is run rather
+    # than skipped.
     result = tune(
         "tests.study_path_tasks:cliff",
         "torch",
@@ -204,7 +205,7 @@ def test_a_search_trial_past_the_wall_runs_out_of_memory_for_real_and_is_not_rec
         n_trials=3,
         storage=url,
         study_name="cliff",
-        search_space=SearchSpace(max_micro_batch=128),
+        search_space=SearchSpace(max_micro_batch=128, max_effective_batch=128),
         trial_budget=TrialBudget(train_samples=256),
         max_trial_samples=256,
         on_trial=_enqueue_after_first_trial(

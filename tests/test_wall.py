@@ -230,7 +230,8 @@ def test_tune_confirms_the_wall_at_its_search_spaces_largest_accumulation(max_ac
         memory_budget="256MiB",
         n_trials=1,
         storage=f"sqlite:///{tmp_path}/s.db",
-        search_space=SearchSpace(max_accumulation=max_accumulation),
+        # Effective batches past the 1-epoch horizon's: the wall's confirmation is what is checked here.
+        search_space=SearchSpace(max_accumulation=max_accumulation, max_effective_batch=10**6),
         device="cpu",
     )
     assert result.probe["accumulation_steps"] == max_accumulation

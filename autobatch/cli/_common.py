@@ -31,6 +31,7 @@ FLAGS = {
     "max_accumulation": "--max-accumulation",
     "min_micro_batch": "--min-micro-batch",
     "max_micro_batch": "--max-micro-batch",
+    "max_effective_batch": "--max-effective-batch",
     "eval_batch_size": "--eval-batch-size",
     "num_workers": "--num-workers",
     "train_seconds": "--train-seconds",
@@ -96,6 +97,12 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-micro-batch", type=int, default=None, help="default: the probe's memory wall")
     parser.add_argument("--powers-of-two", action="store_true", help="search micro-batches that are powers of two")
     parser.add_argument("--max-accumulation", type=int, default=8)
+    parser.add_argument(
+        "--max-effective-batch",
+        type=int,
+        default=None,
+        help="largest micro-batch x accumulation searched (default: the horizon's samples in 16 optimizer steps)",
+    )
     parser.add_argument(
         "--lr-rule",
         default=None,
@@ -209,6 +216,7 @@ def search_space_from_args(args: argparse.Namespace):
         max_micro_batch=args.max_micro_batch,
         powers_of_two=args.powers_of_two,
         max_accumulation=args.max_accumulation,
+        max_effective_batch=args.max_effective_batch,
         lr_rule=args.lr_rule,
     )
 

@@ -38,6 +38,25 @@ MEAN_TRAINED_SHARE = 0.25
 PLANNED_TRIALS = 20
 #: a recommendation from trials that trained less of the horizon than this says so
 MIN_HORIZON_SHARE = 0.25
+#: no config is searched whose run would take fewer optimizer steps than this over the horizon
+MIN_RUN_STEPS = 16
+
+
+def largest_effective_batch(horizon: Horizon, n_train: int) -> int | None:
+    """The largest effective batch the search tries: the horizon's samples in :data:`MIN_RUN_STEPS` optimizer steps.
+
+    A config that trains its run in a handful of steps is not a training run: a 1-epoch
+    horizon of 2,048 samples at an effective batch of 2,048 takes one step, and its loss is
+    the initial one. Searching such configs costs the most of all (the memory probe confirms
+    the wall at the largest accumulation, windows of up to 8 × the wall), for configs that
+    cannot win. ``None`` where the horizon leaves every config its steps (a horizon in optimizer
+    steps) or its samples wait on the throughput (wall time).
+    """
+    if horizon.unit == "steps" or horizon.is_time:
+        return None
+    samples = horizon.samples(n_train, 1)
+    assert samples is not None
+    return max(1, math.floor(samples / MIN_RUN_STEPS))
 
 
 def rung_fractions() -> tuple[float, ...]:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from autobatch.core.config import TrialBudget, TrialConfig, TrialResult
 from autobatch.errors import AutobatchError, InvalidParameterError, StorageError, first_line
-from autobatch.search.fidelity import plan_fidelity
+from autobatch.search.fidelity import MIN_RUN_STEPS, largest_effective_batch, plan_fidelity
 from autobatch.search.horizon import Horizon
 from autobatch.search.objectives import Objective, get_objective
 from autobatch.search.probe import (
@@ -153,16 +153,39 @@ class StudyPlan:
             return result
 
         # A micro-batch larger than the training split would repeat samples within one
-        # forward pass: the split's size is the natural ceiling unless the user sets one.
+        # forward pass: the split's size is the natural ceiling unless the user sets one. An
+        # effective batch that leaves the run fewer than MIN_RUN_STEPS steps is not searched
+        # (search/fidelity.py), so the wall is not looked for past it either.
+        horizon = Horizon.from_dict(self.settings["horizon"])
+        largest = space.max_effective_batch or largest_effective_batch(horizon, workload.n_train)
+        self.settings["max_effective_batch"] = largest
         ceiling = space.max_micro_batch or workload.n_train
+        if largest is not None and largest < ceiling:
+            ceiling = largest
+            why = (
+                "max_effective_batch"
+                if space.max_effective_batch
+                else f"so that the run of {horizon} takes at least {MIN_RUN_STEPS} optimizer steps"
+            )
+            announce(f"search: effective batches up to {largest}, {why}; the memory wall is not looked for past it")
+        accumulates = space.max_accumulation >= 2 and (largest is None or largest >= 2 * space.min_micro_batch)
+
+        def confirm_steps(micro_batch: int) -> int:
+            """The largest accumulation searched at ``micro_batch``; at least two where the search accumulates at all."""
+            steps = space.max_accumulation if largest is None else min(space.max_accumulation, largest // micro_batch)
+            return max(steps, 2 if accumulates else 1)
+
         probe = find_memory_wall(
             run_probe,
             self.settings["memory_budget_bytes"],
             safety_margin=self.settings["safety_margin"],
             upper_limit=ceiling,
             on_probe=self.on_probe,
-            # The wall must hold for every searched config: confirmed with a full trial at the largest accumulation.
-            confirm=functools.partial(run_probe, accumulation=space.max_accumulation, full=True),
+            # The wall must hold for every searched config: confirmed with a full trial at the
+            # largest accumulation searched there (holding gradients across a window costs the
+            # same at two steps as at any more, so two covers the smaller micro-batches that
+            # accumulate further) ...
+            confirm=lambda micro_batch: run_probe(micro_batch, confirm_steps(micro_batch), full=True),
             # ... which starts where short probes at two steps put it, when the search goes past two
             # (at two, the confirmation itself costs about what they would)
             accumulated=(
@@ -170,6 +193,7 @@ class StudyPlan:
                 if space.max_accumulation > ACCUMULATED_PROBE_STEPS
                 else None
             ),
+            confirm_steps=confirm_steps,
         )
         if space.min_micro_batch > probe.max_micro_batch:
             raise InvalidParameterError(

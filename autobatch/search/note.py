@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 
 from autobatch.core.memory import budget_coverage, format_bytes
+from autobatch.search.fidelity import MIN_RUN_STEPS
 
 
 def write_note(study, result, *, during_search: bool = False) -> None:
@@ -118,6 +119,14 @@ def horizon_lines(result) -> list[str]:
         lines.append(
             f"The longest trials trained {share:.0%} of it ({horizon.get('reason')}); the loss at the horizon is "
             "predicted from each trial's learning curve, L(n) = L_inf + b·n^-c."
+        )
+    largest = horizon.get("max_effective_batch")
+    if largest is not None and horizon.get("max_effective_batch_given"):
+        lines.append(f"Effective batches were searched up to {largest} (max_effective_batch).")
+    elif largest is not None:
+        lines.append(
+            f"Effective batches were searched up to {largest}, so that the run takes at least {MIN_RUN_STEPS} "
+            "optimizer steps."
         )
     rec = result.recommended
     if rec and rec.get("loss_at_horizon") is not None:

@@ -220,6 +220,7 @@ def find_memory_wall(
     on_probe: Callable[[int, TrialResult], None] | None = None,
     confirm: ProbeRunner | None = None,
     accumulated: ProbeRunner | None = None,
+    confirm_steps: Callable[[int], int] | None = None,
 ) -> ProbeResult:
     """The largest micro-batch whose peak stays within ``(1 - safety_margin) × budget_bytes``.
 
@@ -231,7 +232,9 @@ def find_memory_wall(
     ``accumulated(m)`` runs a short probe at :data:`ACCUMULATED_PROBE_STEPS` steps: with it,
     the confirmation starts where the gradients held across a window still fit
     (:func:`_wall_when_accumulating`), so a full trial at the largest accumulation usually
-    runs once, not once per step down.
+    runs once, not once per step down. ``confirm_steps(m)`` is the accumulation ``confirm``
+    runs micro-batch ``m`` at, where it depends on ``m``: the short probes run only when the
+    confirmation at the wall goes past two steps (at two, it costs about what they would).
     """
     started = time.perf_counter()
     limit = budget_bytes * (1.0 - safety_margin)
@@ -320,7 +323,7 @@ def find_memory_wall(
     wall = max(fits)
     accumulation = 1
     if confirm is not None:
-        if accumulated is not None:
+        if accumulated is not None and (confirm_steps is None or confirm_steps(wall) > ACCUMULATED_PROBE_STEPS):
             wall = _wall_when_accumulating(wall, fits, lambda micro_batch: run(accumulated, micro_batch, "accumulated"))
         confirming = lambda micro_batch: run(confirm, micro_batch, "confirmation")  # noqa: E731
         wall, accumulation = _confirm_wall(wall, confirming, budget_bytes)

@@ -150,6 +150,8 @@ def horizon_summary(settings: dict, recommended) -> dict | None:
         "top_share": plan.top_share,
         "reason": plan.reason,
         "given": bool(settings.get("horizon_given")),
+        "max_effective_batch": settings.get("max_effective_batch"),
+        "max_effective_batch_given": bool((settings.get("search_space") or {}).get("max_effective_batch")),
     }
     if recommended is not None:
         share = recommended.user_attrs.get("horizon_share")

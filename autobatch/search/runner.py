@@ -9,6 +9,7 @@ otherwise rarely try.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -107,7 +108,9 @@ class SearchRunner:
         if incumbent is None:
             return
         params = dict(incumbent.params)
-        steps = refinement_steps(params, self.space, self.probe.max_micro_batch)
+        steps = refinement_steps(
+            params, self.space, self.probe.max_micro_batch, self.settings.get("max_effective_batch")
+        )
         if not steps:
             return
         self.study.enqueue_trial(steps[self.refinements % len(steps)], skip_if_exists=True)
@@ -196,6 +199,7 @@ class SearchRunner:
             rule=self.settings["lr_rule"],
             noise_scale=self.noise_scale,
             pin_learning_rate=self.objective.pins_learning_rate,
+            max_effective_batch=self.settings.get("max_effective_batch"),
         )
 
     def _reporter(self, trial):
@@ -244,18 +248,20 @@ class SearchRunner:
         )
 
 
-def refinement_steps(params: dict, space: SearchSpace, wall: int) -> list[dict]:
-    """Neighbours of an incumbent's params, in the order they are tried."""
+def refinement_steps(params: dict, space: SearchSpace, wall: int, max_effective_batch: int | None = None) -> list[dict]:
+    """Neighbours of an incumbent's params, in the order they are tried; none past ``max_effective_batch``."""
     steps = []
+    accumulation = params["accumulation_steps"]
+    largest = math.inf if max_effective_batch is None else max_effective_batch
     if "micro_batch_log2" in params:
-        if 2 ** (params["micro_batch_log2"] + 1) <= wall:
+        larger = 2 ** (params["micro_batch_log2"] + 1)
+        if larger <= wall and larger * accumulation <= largest:
             steps.append({**params, "micro_batch_log2": params["micro_batch_log2"] + 1})
     else:
         micro = params["micro_batch_size"]
-        larger = min(wall, max(micro + 1, round(micro * 1.2)))
+        larger = min(wall, max(micro + 1, round(micro * 1.2)), int(largest // accumulation))
         if larger > micro:
             steps.append({**params, "micro_batch_size": larger})
-        accumulation = params["accumulation_steps"]
         if accumulation >= 2 and micro * 2 <= wall:
             steps.append({**params, "micro_batch_size": micro * 2, "accumulation_steps": accumulation // 2})
     if "lr_offset_decades" in params:

@@ -32,12 +32,18 @@ LR_RULES = ("linear", "sqrt", "adascale", "absolute")
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """Bounds and shape of the joint search. ``max_micro_batch=None`` means: the probe's wall."""
+    """Bounds and shape of the joint search. ``max_micro_batch=None`` means: the probe's wall.
+
+    ``max_effective_batch`` bounds micro-batch × accumulation; ``None`` means: the horizon's
+    samples in 16 optimizer steps (:func:`autobatch.search.fidelity.largest_effective_batch`),
+    no bound for a horizon in steps or wall time. The memory wall is not looked for past it.
+    """
 
     min_micro_batch: int = 1
     max_micro_batch: int | None = None
     powers_of_two: bool = False
     max_accumulation: int = 8
+    max_effective_batch: int | None = None
     lr_rule: str | None = None  # None: "sqrt" for Adam, "linear" for SGD; "adascale" for the goodput objective
     lr_offset_range: tuple[float, float] = (-1.0, 1.0)
     lr_range: tuple[float, float] = (1e-5, 1e-1)
@@ -46,11 +52,18 @@ class SearchSpace:
         "min_micro_batch": Interval(int, 1, None),
         "max_micro_batch": [Interval(int, 1, None), None],
         "max_accumulation": Interval(int, 1, None),
+        "max_effective_batch": [Interval(int, 1, None), None],
         "lr_rule": [StrOptions(LR_RULES), None],
     }
 
     def __post_init__(self) -> None:
         validate_fields(self)
+        if self.max_effective_batch is not None and self.max_effective_batch < self.min_micro_batch:
+            raise InvalidParameterError(
+                "max_effective_batch",
+                self.max_effective_batch,
+                f"must be >= min_micro_batch ({self.min_micro_batch}): no micro-batch would be left to search",
+            )
         if self.max_micro_batch is not None and self.max_micro_batch < self.min_micro_batch:
             raise InvalidParameterError(
                 "max_micro_batch",
@@ -89,15 +102,20 @@ class SearchSpace:
         rule: str | None = None,
         noise_scale: float | None = None,
         pin_learning_rate: bool = False,
+        max_effective_batch: int | None = None,
     ) -> TrialConfig:
         """Ask an Optuna trial for a config; the names are what the dashboard shows.
 
         ``rule`` defaults to :meth:`rule_for`; ``noise_scale`` is the study's B_noise for
         the ``adascale`` rule (``math.inf`` when unbounded). ``pin_learning_rate`` takes
         the rule's learning rate without an offset (the goodput objective, which cannot
-        rank learning rates, does so).
+        rank learning rates, does so). ``max_effective_batch`` bounds micro-batch ×
+        accumulation (the horizon's, :func:`autobatch.search.fidelity.largest_effective_batch`):
+        the accumulation's range is asked for after the micro-batch, up to what it leaves.
         """
         low, high = self.micro_batch_bounds(wall)
+        if max_effective_batch is not None:
+            high = max(low, min(high, max_effective_batch))
         if self.powers_of_two:
             exponents = (math.ceil(math.log2(low)), math.floor(math.log2(high)))
             if exponents[0] > exponents[1]:
@@ -105,7 +123,10 @@ class SearchSpace:
             micro = 2 ** trial.suggest_int("micro_batch_log2", *exponents)
         else:
             micro = trial.suggest_int("micro_batch_size", low, high, log=True)
-        accumulation = trial.suggest_int("accumulation_steps", 1, self.max_accumulation, log=True)
+        most = self.max_accumulation
+        if max_effective_batch is not None:
+            most = max(1, min(most, max_effective_batch // micro))
+        accumulation = trial.suggest_int("accumulation_steps", 1, most, log=True)
         rule = rule or self.rule_for(optimizer)
         if rule == "absolute":
             learning_rate = trial.suggest_float("learning_rate", *self.lr_range, log=True)
