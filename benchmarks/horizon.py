@@ -285,6 +285,7 @@ def run_study(task: str, framework: str, horizon: str, objective: str, n_trials:
         "wall": clock.wall,
         "cpu": clock.cpu,
         "probe_seconds": (result.probe or {}).get("seconds"),
+        "max_effective_batch": (result.horizon or {}).get("max_effective_batch"),
         "max_micro_batch": result.max_micro_batch,
         "n_trials": result.n_trials,
         "n_pruned": result.n_pruned_trials,
@@ -294,13 +295,22 @@ def run_study(task: str, framework: str, horizon: str, objective: str, n_trials:
 
 
 def trials_spent(study) -> dict:
-    """Where a study's time went: its trials' wall seconds, and how much of the horizon they trained together."""
+    """Where a study's time went: its trials' wall seconds, how much of the horizon they trained together,
+    and its dearest trial at the full horizon (config, wall seconds, samples/s)."""
     shares = [t.user_attrs.get("horizon_share") for t in study.trials]
     shares = [share for share in shares if share is not None]
+    full = [t.user_attrs for t in study.trials if (t.user_attrs.get("horizon_share") or 0.0) >= 0.999]
+    dearest = max(full, key=lambda attrs: (attrs.get("timings") or {}).get("wall", 0.0), default=None)
     return {
         "trial_wall": sum((t.user_attrs.get("timings") or {}).get("wall", 0.0) for t in study.trials),
         "horizons_trained": sum(shares) if shares else None,
         "full_horizon_trials": sum(share >= 0.999 for share in shares) if shares else None,
+        "dearest_full_trial": None
+        if dearest is None
+        else (
+            f"{dearest['micro_batch_size']}×{dearest['accumulation_steps']}: "
+            f"{(dearest.get('timings') or {}).get('wall', 0.0):.1f} s at {dearest.get('samples_per_second') or 0:,.0f}/s"
+        ),
     }
 
 
@@ -455,7 +465,9 @@ def render(run: Run, cases: list, grid_axes, n_trials: int) -> str:
                     study["n_pruned"],
                     study["full_horizon_trials"],
                     study["horizons_trained"],
+                    study.get("dearest_full_trial"),
                     study["trial_wall"],
+                    study.get("max_effective_batch"),
                     study["probe_seconds"],
                     study["wall"],
                     case["grid_wall"],
@@ -545,8 +557,11 @@ def render(run: Run, cases: list, grid_axes, n_trials: int) -> str:
         "## Where each study's time went",
         "",
         "Trials at the full horizon: trials that trained all of it; horizons trained: the shares of the horizon its "
-        "trials trained, summed (the grid trains one per config); trial wall: the trials' own wall seconds, summed "
-        "(the rest of the study's wall is the probe, the storage and Optuna).",
+        "trials trained, summed (the grid trains one per config); dearest at the full horizon: the config of the "
+        "full-horizon trial with the most wall seconds, and its samples/s; trial wall: the trials' own wall seconds, "
+        "summed (the rest of the study's wall is the probe, the storage and Optuna); largest effective batch: what "
+        "the study searched up to, the horizon's samples in 16 optimizer steps (tune()'s default), and the probe "
+        "did not look for the wall past it.",
         "",
         markdown_table(
             [
@@ -556,13 +571,15 @@ def render(run: Run, cases: list, grid_axes, n_trials: int) -> str:
                 "pruned",
                 "trials at the full horizon",
                 "horizons trained",
+                "dearest at the full horizon",
                 "trial wall s",
+                "largest effective batch",
                 "probe s",
                 "study wall s",
                 "grid wall s",
             ],
             spent_rows,
-            align="llrrrrrrrr",
+            align="llrrrrlrrrrr",
         ),
         "",
         "<details><summary>Every grid config</summary>",

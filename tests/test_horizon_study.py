@@ -104,6 +104,17 @@ def test_the_horizon_bounds_the_effective_batch_to_a_run_of_several_steps():
     assert largest_effective_batch(Horizon.parse("2h"), n_train=2048) is None
 
 
+def test_a_refinement_step_stays_within_the_effective_batch_searched():
+    from autobatch import SearchSpace
+    from autobatch.search.runner import refinement_steps
+
+    params = {"micro_batch_size": 100, "accumulation_steps": 2, "lr_offset_decades": 0.0}
+    assert refinement_steps(params, SearchSpace(), wall=500)[0]["micro_batch_size"] == 120
+    assert refinement_steps(params, SearchSpace(), wall=500, max_effective_batch=220)[0]["micro_batch_size"] == 110
+    at_the_bound = refinement_steps(params, SearchSpace(), wall=500, max_effective_batch=200)
+    assert all(step["micro_batch_size"] * step["accumulation_steps"] <= 200 for step in at_the_bound)
+
+
 @pytest.mark.slow
 def test_a_short_horizon_bounds_the_probe_and_every_trial_to_a_run_of_several_steps(tmp_path):
     # 4,096 samples in at least 16 steps: effective batches up to 256; at 512 MiB the wall lies past it.

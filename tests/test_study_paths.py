@@ -84,7 +84,9 @@ def test_late_in_a_pareto_study_every_other_trial_steps_from_the_recommendation(
     for trial in trials[2:]:  # 0 and 1 are the study's starting points
         earlier = [t for t in trials[: trial.number] if t.state.name == "COMPLETE" and is_feasible(t)]
         incumbent = recommend(pareto_front(earlier), 0.02)  # the recommendation when the trial was asked
-        steps_at[trial.number] = refinement_steps(incumbent.params, space, result.max_micro_batch)
+        steps_at[trial.number] = refinement_steps(
+            incumbent.params, space, result.max_micro_batch, result.horizon["max_effective_batch"]
+        )
         if any(_same_params(trial.params, step) for step in steps_at[trial.number]):
             refined.append(trial.number)
     assert refined == [7, 9]

@@ -9,7 +9,6 @@ otherwise rarely try.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 
@@ -252,14 +251,14 @@ def refinement_steps(params: dict, space: SearchSpace, wall: int, max_effective_
     """Neighbours of an incumbent's params, in the order they are tried; none past ``max_effective_batch``."""
     steps = []
     accumulation = params["accumulation_steps"]
-    largest = math.inf if max_effective_batch is None else max_effective_batch
+    # the largest micro-batch at this accumulation: the wall, and the effective batch's bound
+    most = wall if max_effective_batch is None else min(wall, max_effective_batch // accumulation)
     if "micro_batch_log2" in params:
-        larger = 2 ** (params["micro_batch_log2"] + 1)
-        if larger <= wall and larger * accumulation <= largest:
+        if 2 ** (params["micro_batch_log2"] + 1) <= most:
             steps.append({**params, "micro_batch_log2": params["micro_batch_log2"] + 1})
     else:
         micro = params["micro_batch_size"]
-        larger = min(wall, max(micro + 1, round(micro * 1.2)), int(largest // accumulation))
+        larger = min(most, max(micro + 1, round(micro * 1.2)))
         if larger > micro:
             steps.append({**params, "micro_batch_size": larger})
         if accumulation >= 2 and micro * 2 <= wall:
